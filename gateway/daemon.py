@@ -1,0 +1,220 @@
+"""The daemon: composes the gateway's parts and owns its life from bind to drain.
+
+:func:`build_gateway` is the composition root — the one place where settings, the
+reactor, the call registry, the Klein routes and the WebSocket factories are joined.
+:class:`GatewayService` is the top-level twistd service: it binds the public port
+(exiting non-zero with a clear line if it cannot), tells systemd READY=1 once bound,
+and on SIGTERM drains: it stops admitting calls (``/ready`` turns 503), lets active
+calls finish for up to ``drain_timeout``, ends what remains, and only then closes the
+listening port and lets the reactor stop.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from klein import Klein
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from gateway import __version__
+from gateway.admission import Admission
+from gateway.bridge.registry import CallRegistry, InMemoryCallRegistry
+from gateway.config import Settings
+from gateway.health import HealthRoutes
+from gateway.logs import get_logger
+from gateway.systemd import Notifier, WatchdogService, watchdog_interval
+
+log = get_logger("gateway.daemon")
+
+#: After the drain timeout, how long ending the remaining calls may take.
+END_GRACE_SECONDS = 5.0
+
+
+class ListenFailed(SystemExit):
+    """The public port could not be bound: twistd exits non-zero with this line."""
+
+
+class PublicListener(Service):
+    """Binds the one public endpoint in ``privilegedStartService``; closes it last."""
+
+    def __init__(self, reactor: Any, description: str, site: Site) -> None:
+        self._reactor = reactor
+        self._description = description
+        self._site = site
+        self.port: IListeningPort | None = None
+        self.bound: Deferred[IListeningPort] = Deferred()
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        try:
+            endpoint = serverFromString(self._reactor, self._description)
+        except Exception as exc:
+            if self._description.startswith("systemd:"):
+                self._fail(f"cannot listen on {self._description!r}: no such socket inherited "
+                           "from systemd (socket activation: LISTEN_FDS/LISTEN_PID)")
+            self._fail(f"cannot use endpoint {self._description!r}: {exc}")
+        starting = True
+        failed: list[Failure] = []
+
+        def on_error(failure: Failure) -> None:
+            if starting:  # bind failed synchronously (tcp, systemd): exit non-zero now
+                failed.append(failure)
+            else:
+                log.critical("cannot start", reason=_listen_error(self._description, failure))
+                self._reactor.stop()
+
+        endpoint.listen(self._site).addCallbacks(self._on_bound, on_error)
+        starting = False
+        if failed:
+            self._fail(_listen_error(self._description, failed[0]))
+
+    def _on_bound(self, port: IListeningPort) -> None:
+        self.port = port
+        host = port.getHost()
+        log.info("listening", endpoint=self._description,
+                 address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}")
+        self.bound.callback(port)
+
+    def _fail(self, message: str) -> NoReturn:
+        log.critical("cannot start", reason=message)
+        raise ListenFailed(f"vapi-gateway: {message}")
+
+    def stopService(self) -> Deferred[None] | None:  # type: ignore[override]
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()  # type: ignore[no-any-return]
+        return None
+
+
+def _listen_error(description: str, failure: Failure) -> str:
+    if failure.check(CannotListenError):
+        reason = failure.value.socketError  # type: ignore[union-attr]
+        text = getattr(reason, "strerror", None) or str(reason)
+        return f"cannot listen on {description!r}: {text}"
+    return f"cannot listen on {description!r}: {failure.getErrorMessage()}"
+
+
+class GatewayService(MultiService):
+    """The root service: ordered start (bind → READY=1) and ordered stop (drain → close)."""
+
+    def __init__(self, settings: Settings, reactor: IReactorCore, admission: Admission,
+                 listener: PublicListener, notifier: Notifier,
+                 handle_sigterm: bool = False) -> None:
+        super().__init__()
+        self.handle_sigterm = handle_sigterm
+        self.settings = settings
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor  # type: ignore[assignment]
+        self.admission = admission
+        self.listener = listener
+        self.notifier = notifier
+        self.drained: Deferred[None] | None = None
+
+    def status_line(self) -> str:
+        state = "draining" if self.admission.draining else "serving"
+        return f"{state}; {len(self.admission.registry)} active calls"
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("starting", version=__version__, config=self.settings.source)
+        # READY=1 only once the port is bound AND the reactor runs (signal handlers are
+        # installed then: a SIGTERM after READY must start the drain, not kill us)
+        self.listener.bound.addCallback(lambda _: self.reactor.callWhenRunning(self._on_ready))
+
+    def _on_ready(self) -> None:
+        if self.handle_sigterm:
+            signal.signal(signal.SIGTERM, self._on_sigterm_signal)
+        self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+        log.info("ready", max_concurrent_calls=self.settings.gateway.max_concurrent_calls)
+
+    def _on_sigterm_signal(self, signum: int, frame: object) -> None:
+        # in signal context: hop to the reactor thread (safe from a handler)
+        self.reactor.callFromThread(self._on_sigterm)  # type: ignore[attr-defined]
+
+    def _on_sigterm(self) -> None:
+        """SIGTERM is the normal way to stop: drain, then exit 0 (not "killed by signal")."""
+        if self.drained is not None:
+            log.info("SIGTERM while draining: already stopping")
+            return
+        log.info("received SIGTERM: draining")
+        self.reactor.stop()
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        self.drained = self._drain()
+        return self.drained
+
+    @inlineCallbacks
+    def _drain(self) -> Any:
+        registry: CallRegistry = self.admission.registry
+        self.admission.draining = True
+        timeout = self.settings.gateway.drain_timeout
+        self.notifier.notify("STOPPING=1", f"STATUS={self.status_line()}")
+        log.info("draining", active_calls=len(registry), drain_timeout=timeout)
+        finished = yield _within(registry.when_empty(), timeout, self.clock)
+        if not finished:
+            log.warning("drain timeout: ending remaining calls", active_calls=len(registry))
+            ended = yield _within(registry.end_all("drain-timeout"), END_GRACE_SECONDS,
+                                  self.clock)
+            if not ended:
+                log.error("calls did not finish ending", active_calls=len(registry))
+        yield super().stopService()  # closes the listening port
+        self.notifier.close()
+        log.info("stopped")
+
+
+def _within(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[bool]:
+    """Fire True when ``d`` fires, or False after ``seconds`` (``d`` is cancelled)."""
+    result: Deferred[bool] = Deferred()
+    timer = clock.callLater(seconds, d.cancel)
+
+    def done(outcome: object) -> None:
+        if timer.active():
+            timer.cancel()
+        if not result.called:
+            result.callback(not isinstance(outcome, Failure))
+
+    d.addBoth(done)
+    return result
+
+
+@dataclass
+class Gateway:
+    """The composed daemon: the root service and the parts tests reach into."""
+
+    service: GatewayService
+    app: Klein
+    site: Site
+    registry: CallRegistry
+    admission: Admission
+
+
+def build_gateway(settings: Settings, reactor: IReactorCore,
+                  environ: Mapping[str, str] | None = None,
+                  handle_sigterm: bool = False) -> Gateway:
+    """Join settings, reactor, registry, routes and services into a :class:`Gateway`."""
+    clock: IReactorTime = reactor  # type: ignore[assignment]
+    registry = InMemoryCallRegistry()
+    admission = Admission(registry, settings.gateway.max_concurrent_calls)
+    app = Klein()
+    HealthRoutes(admission, clock).register(
+        app, settings.gateway.health_path, settings.gateway.ready_path)
+    site = Site(app.resource())
+    site.displayTracebacks = False
+    listener = PublicListener(reactor, settings.gateway.listen, site)
+    notifier = Notifier(environ)
+    root = GatewayService(settings, reactor, admission, listener, notifier, handle_sigterm)
+    listener.setServiceParent(root)
+    interval = watchdog_interval(environ)
+    if interval is not None and notifier.enabled:
+        WatchdogService(notifier, interval, clock, root.status_line).setServiceParent(root)
+    return Gateway(root, app, site, registry, admission)

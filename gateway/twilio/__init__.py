@@ -1,0 +1,1 @@
+"""The Twilio leg: signed webhooks, TwiML, the Media Streams server and the REST client."""

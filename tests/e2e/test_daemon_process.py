@@ -1,0 +1,169 @@
+"""The real ``twistd -n vapi-gateway`` on loopback: start, probe, drain, refuse to start."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.tools.daemon_process import DaemonProcess, config_with, free_port, twistd_path
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e
+
+
+def base_config(port: int, **sections: dict[str, str]) -> str:
+    overrides = {"gateway": {"listen": f"tcp:{port}:interface=127.0.0.1",
+                             "public_url": f"http://127.0.0.1:{port}", "drain_timeout": "5"},
+                 "log": {"format": "json", "level": "debug"}}
+    for name, values in sections.items():
+        overrides.setdefault(name, {}).update(values)
+    return config_with(None, overrides)
+
+
+@pytest.fixture
+def daemons(log_capture_path: Path) -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
+    yield started
+    with log_capture_path.open("a", encoding="utf-8") as capture:
+        for daemon in started:
+            daemon.kill()
+            capture.write("\n".join(daemon.lines) + "\n")
+
+
+def get(url: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_serves_health_and_exits_zero_on_sigterm(daemons: list[DaemonProcess]) -> None:
+    port = free_port()
+    daemon = DaemonProcess(base_config(port))
+    daemons.append(daemon)
+    daemon.start()
+    daemon.wait_ready()
+    code, body = get(f"http://127.0.0.1:{port}/health")
+    assert code == 200 and body["status"] == "ok" and body["active_calls"] == 0
+    assert get(f"http://127.0.0.1:{port}/ready") == (200, {"ready": True})
+    assert daemon.terminate(timeout=10) == 0
+    events = [e["event"] for e in daemon.events()]
+    assert events.index("draining") < events.index("stopped")
+    assert not any("Traceback" in line for line in daemon.lines)
+    assert all(line.startswith("{") for line in daemon.lines if line), daemon.lines
+
+
+def test_bad_config_exits_non_zero_with_clear_lines(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[gateway]\nmax_concurrent_calls = many\n[log]\nformat = xml\n")
+    out = subprocess.run([twistd_path(), "-n", "--pidfile=", "vapi-gateway", "--config",
+                          str(bad)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"vapi-gateway: {bad}: [gateway] max_concurrent_calls: 'many' is not a whole number; "
+        "allowed: a whole number from 1 to 100000",
+        f"vapi-gateway: {bad}: [log] format: 'xml' is not allowed; allowed: one of json, console",
+        "vapi-gateway: 2 problem(s) in the config; not starting",
+    ]
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_check_flag_validates_and_exits(tmp_path: Path) -> None:
+    good = tmp_path / "good.ini"
+    good.write_text(base_config(free_port()))
+    out = subprocess.run([twistd_path(), "vapi-gateway", "--config", str(good), "--check"],
+                         capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout.strip()) == (0, f"vapi-gateway: {good}: OK")
+
+
+def test_port_in_use_exits_non_zero(daemons: list[DaemonProcess]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        daemon = DaemonProcess(base_config(port))
+        daemons.append(daemon)
+        daemon.start()
+        code = daemon.wait(timeout=30)
+    assert code != 0
+    (critical,) = [e for e in daemon.events() if e["level"] == "critical"]
+    assert critical["reason"] == (
+        f"cannot listen on 'tcp:{port}:interface=127.0.0.1': Address already in use")
+    assert not any("Traceback" in line for line in daemon.lines)
+
+
+SOCKET_ACTIVATE = """
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+os.set_inheritable(3, True)
+os.environ["LISTEN_FDS"] = "1"
+os.environ["LISTEN_FDNAMES"] = "vapi-gateway.socket"  # systemd >= 227 always sets it
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def test_systemd_socket_activation(daemons: list[DaemonProcess]) -> None:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        fd = listening.fileno()
+        text = base_config(port, gateway={"listen": "systemd:domain=INET:index=0"})
+        daemon = DaemonProcess(text, pass_fds=(fd,),
+                               argv_prefix=(sys.executable, "-c", SOCKET_ACTIVATE, str(fd)))
+        daemons.append(daemon)
+        daemon.start()
+        daemon.wait_ready()
+    # our copy is closed: the daemon serves on the inherited socket alone
+    assert get(f"http://127.0.0.1:{port}/health")[0] == 200
+    assert daemon.terminate(timeout=10) == 0
+
+
+def test_notify_socket_ready_and_stopping(tmp_path: Path,
+                                          daemons: list[DaemonProcess]) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify"))
+        notify.settimeout(30)
+        env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
+        daemon = DaemonProcess(base_config(free_port()), env=env)
+        daemons.append(daemon)
+        daemon.start()
+        assert notify.recv(4096).decode() == "READY=1\nSTATUS=serving; 0 active calls"
+        daemon.process.terminate()  # type: ignore[union-attr]
+        assert notify.recv(4096).decode() == "STOPPING=1\nSTATUS=draining; 0 active calls"
+        assert daemon.wait(10) == 0
+
+
+def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze missing in CI (.ci/run installs systemd)")
+        pytest.skip("systemd-analyze is not installed")
+    unit = (ROOT / "etc" / "systemd" / "vapi-gateway.service").read_text()
+    assert "/opt/vapi-gateway/.venv/bin/twistd -n --pidfile= vapi-gateway --config" in unit
+    # point ExecStart at this checkout's twistd so verify can check the executable
+    local = unit.replace("/opt/vapi-gateway/.venv/bin/twistd", twistd_path())
+    (tmp_path / "vapi-gateway.service").write_text(local)
+    out = subprocess.run([analyze, "verify", str(tmp_path / "vapi-gateway.service")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "vapi-gateway.service" not in out.stderr, out.stderr
+    for needed in ("Type=notify", "Restart=on-failure", "NoNewPrivileges=yes",
+                   "ProtectSystem=strict", "PrivateTmp=yes", "WatchdogSec=", "LoadCredential="):
+        assert needed in unit
+    stop = int(unit.split("TimeoutStopSec=")[1].split()[0])
+    assert stop > 30  # the default drain_timeout
