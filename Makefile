@@ -5,6 +5,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= etc/vapi-gateway.ini
+# Development secrets for the shipped config's env: references, made once per checkout
+# (random, git-ignored).  Values already in your environment win.
+DEV_SECRETS := .dev-secrets.env
+WITH_SECRETS := set -a && . ./$(DEV_SECRETS) && set +a &&
 
 .PHONY: install test test-fast lint run check-config demo clean
 
@@ -28,14 +32,20 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-run: install
-	$(BIN)/twistd -n --pidfile= vapi-gateway --config $(CONFIG)
+$(DEV_SECRETS):
+	@for name in TWILIO_AUTH_TOKEN STREAM_TOKEN_SECRET VAPI_API_KEY VAPI_WEBHOOK_SECRET; do \
+	  echo "$$name=\"\$${$$name:-dev-$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')}\""; \
+	done > $@
+	@echo "wrote $@ (development secrets; export real values to override)"
 
-check-config: install
-	$(BIN)/twistd vapi-gateway --config $(CONFIG) --check
+run: install $(DEV_SECRETS)
+	$(WITH_SECRETS) $(BIN)/twistd -n --pidfile= vapi-gateway --config $(CONFIG)
 
-demo: install
-	$(BIN)/python -m gateway.demo --config $(CONFIG)
+check-config: install $(DEV_SECRETS)
+	$(WITH_SECRETS) $(BIN)/twistd vapi-gateway --config $(CONFIG) --check
+
+demo: install $(DEV_SECRETS)
+	$(WITH_SECRETS) $(BIN)/python -m gateway.demo --config $(CONFIG)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info twisted/plugins/dropin.cache

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import json
 import math
 import os
 import types
@@ -26,6 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from gateway.vapi.assistants import (
+    AssistantById,
+    AssistantChoice,
+    InlineAssistant,
+    RoutingTable,
+    normalize_number,
+)
 
 
 class Secret:
@@ -169,11 +178,224 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class TwilioSettings:
+    """[twilio]: the Twilio leg — signatures, routes, TwiML, Media Streams and REST."""
+
+    auth_token: Secret | None = option(
+        None, "the account's primary Auth Token: checks X-Twilio-Signature and signs REST",
+        secret=True, required=True)
+    account_sid: str = option(
+        "", "the account SID (AC…), needed for REST hang-up and outbound calls",
+        check=lambda v: None if v == "" or (v.startswith("AC") and len(v) == 34)
+        else "not an account SID (AC followed by 32 characters)")
+    api_key_sid: str = option(
+        "", "optional API key SID (SK…) used for REST instead of the Auth Token")
+    api_key_secret: Secret | None = option(
+        None, "the API key's secret (with api_key_sid)", secret=True)
+    validate_signatures: bool = option(
+        True, "check X-Twilio-Signature on every route and on the WebSocket upgrade; "
+        "turning it off is logged loudly and is for local experiments only")
+    voice_path: str = option("/twilio/voice", "the number's \"A call comes in\" webhook",
+                             check=check_path)
+    media_path: str = option("/twilio/media", "the Media Streams WebSocket", check=check_path)
+    status_path: str = option("/twilio/status", "call status callbacks", check=check_path)
+    stream_status_path: str = option(
+        "/twilio/stream-status", "<Stream statusCallback> events", check=check_path)
+    stream_token_secret: Secret | None = option(
+        None, "HMAC key of the stream token binding the media socket to the signed call "
+        "(at least 16 characters)", secret=True, required=True,
+        check=lambda v: None if v is None or len(v.reveal()) >= 16
+        else "too short: use at least 16 random characters")
+    stream_token_ttl: int = option(
+        120, "seconds a stream token stays valid after the voice webhook", minimum=5,
+        maximum=3600)
+    greeting: str = option("", "optional <Say> before the stream connects (empty: none)")
+    fallback_message: str = option(
+        "Sorry, we could not continue this call. Goodbye.",
+        "spoken if the stream ends abnormally, before <Hangup/> (empty: hang up silently)")
+    busy_message: str = option(
+        "Sorry, all of our lines are busy. Please call again later.",
+        "spoken to callers refused at capacity or while draining, before <Hangup/>")
+    say_voice: str = option("", "voice for <Say> (empty: Twilio's default), e.g. Polly.Joanna")
+    say_language: str = option("en-US", "language for <Say>")
+    max_message_size: int = option(
+        65536, "largest Media Streams message accepted, in bytes", minimum=1024,
+        maximum=16 * 1024 * 1024)
+    max_body_size: int = option(
+        65536, "largest webhook body accepted, in bytes (413 beyond)", minimum=1024,
+        maximum=16 * 1024 * 1024)
+    max_violations: int = option(
+        10, "protocol violations tolerated on one media socket before it is closed",
+        minimum=1, maximum=100000)
+    idle_timeout: float = option(
+        10.0, "seconds without media from Twilio before the stream counts as ended",
+        minimum=1, maximum=3600)
+    hangup_via: str = option(
+        "close", "how the gateway ends the Twilio side: close (close the media socket: "
+        "the TwiML fallback and <Hangup/> run) or rest (REST hang-up; needs account_sid)",
+        choices=("close", "rest"))
+    rest_api_url: str = option("https://api.twilio.com", "Twilio's REST base URL",
+                               check=check_http_base_url)
+    rest_timeout: float = option(5.0, "seconds per REST request", minimum=0.1, maximum=120)
+    rest_retries: int = option(2, "retries on 5xx and network errors", minimum=0, maximum=10)
+
+    def __post_init__(self) -> None:
+        if self.hangup_via == "rest" and not self.account_sid:
+            raise ValueError("hangup_via = rest needs account_sid")
+        if bool(self.api_key_sid) != bool(self.api_key_secret):
+            raise ValueError("api_key_sid and api_key_secret go together")
+
+
+def check_api_url(value: str) -> str | None:
+    """Vapi's API base URL: https (or http on loopback, for development)."""
+    problem = check_http_base_url(value)
+    if problem is not None:
+        return problem
+    parts = urlsplit(value)
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
+        return "http:// is only allowed for loopback hosts; use https://"
+    return None
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1."""
+    host = host.strip("[]").lower()
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+@dataclass(frozen=True)
+class VapiSettings:
+    """[vapi]: the Vapi leg — call creation, the call socket, reconnects, webhooks."""
+
+    api_url: str = option("https://api.vapi.ai", "Vapi's API base URL", check=check_api_url)
+    api_key: Secret | None = option(
+        None, "Vapi private API key (Bearer) for creating calls and opening call sockets",
+        secret=True, required=True)
+    audio_format: str = option(
+        "mulaw", "audio on the call socket: mulaw (8000 Hz, exactly Twilio's: passes "
+        "through untouched) or pcm_s16le (transcoded by the gateway)",
+        choices=("mulaw", "pcm_s16le"))
+    sample_rate: int = option(
+        8000, "sample rate of the call-socket audio (mulaw: 8000; pcm_s16le: e.g. 16000)",
+        minimum=8000, maximum=48000)
+    request_timeout: float = option(
+        4.0, "seconds per call-creation request (a caller is waiting)", minimum=0.5,
+        maximum=60)
+    request_retries: int = option(
+        2, "retries of call creation on 5xx and connection errors (never on 4xx)",
+        minimum=0, maximum=10)
+    heartbeat_interval: float = option(
+        10.0, "seconds between WebSocket pings on the call socket", minimum=1, maximum=300)
+    pong_timeout: float = option(
+        5.0, "seconds to wait for a pong before the link counts as dead", minimum=1,
+        maximum=300)
+    reconnect_attempts: int = option(
+        3, "attempts to rejoin a dropped call socket before on_vapi_loss applies",
+        minimum=0, maximum=20)
+    reconnect_delay: float = option(
+        1.0, "first reconnect delay in seconds; doubles each attempt (1, 2, 4 s)",
+        minimum=0.1, maximum=60)
+    on_vapi_loss: str = option(
+        "recreate", "when the call socket cannot be rejoined: recreate (a new Vapi call "
+        "for the same phone call) or hangup", choices=("recreate", "hangup"))
+    recreate_first_message: str = option(
+        "Sorry, I lost you for a moment. Could you say that again?",
+        "the recreated assistant's first message")
+    max_message_size: int = option(
+        1048576, "largest call-socket message accepted, in bytes", minimum=4096,
+        maximum=64 * 1024 * 1024)
+    events_path: str = option("/vapi/events", "server-URL webhook route", check=check_path)
+    webhook_auth: str = option(
+        "secret", "how /vapi/events authenticates Vapi: secret (X-Vapi-Secret), bearer "
+        "(a token in webhook_header), hmac (x-signature over timestamp.body) or none",
+        choices=("secret", "bearer", "hmac", "none"))
+    webhook_secret: Secret | None = option(
+        None, "the shared secret, bearer token or HMAC key of the webhook", secret=True)
+    webhook_header: str = option("Authorization", "header carrying the bearer token")
+    webhook_hmac_algorithm: str = option(
+        "sha256", "HMAC digest for webhook_auth = hmac", choices=("sha256", "sha1", "sha512"))
+    webhook_max_skew: float = option(
+        300.0, "seconds x-timestamp may differ from our clock (hmac)", minimum=1,
+        maximum=3600)
+
+    def __post_init__(self) -> None:
+        if self.audio_format == "mulaw" and self.sample_rate != 8000:
+            raise ValueError("audio_format = mulaw needs sample_rate = 8000")
+        if self.webhook_auth != "none" and not self.webhook_secret:
+            raise ValueError(f"webhook_auth = {self.webhook_auth} needs webhook_secret")
+
+
+@dataclass(frozen=True)
+class AssistantSettings:
+    """[assistant]: the default assistant (routing can choose another per number)."""
+
+    id: str = option("", "a Vapi assistantId (or give file)")
+    file: str = option(
+        "", "a JSON file holding an inline assistant (relative to the ini file's folder)")
+    variable_values: bool = option(
+        True, "pass the caller's number, the dialled number and the CallSid as "
+        "assistantOverrides.variableValues (callerNumber, dialledNumber, twilioCallSid)")
+
+    def __post_init__(self) -> None:
+        if bool(self.id) == bool(self.file):
+            raise ValueError("give exactly one of id (an assistantId) or file (inline JSON)")
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    """[bridge]: the media path between the legs — playout, barge-in, limits."""
+
+    playout_lead_ms: int = option(
+        80, "audio the gateway keeps queued at Twilio at the start (ms): covers Vapi "
+        "stalls; barge-in cuts off at most this much", minimum=20, maximum=1000)
+    playout_lead_min_ms: int = option(
+        40, "the adaptive lead never shrinks below this (ms)", minimum=20, maximum=1000)
+    playout_lead_max_ms: int = option(
+        300, "the adaptive lead never grows beyond this (ms)", minimum=20, maximum=2000)
+    buffer_seconds: float = option(
+        20.0, "assistant audio held locally at most; overflow drops the oldest",
+        minimum=1, maximum=300)
+    mark_every_frames: int = option(
+        5, "send a Twilio mark every N frames (20 ms each) to learn what was played",
+        minimum=1, maximum=500)
+    barge_in_signals: tuple[str, ...] = option(
+        ("user-interrupted", "speech-update"), "Vapi events that cut the assistant off: "
+        "user-interrupted and/or speech-update (role user, status started)",
+        check=lambda v: None if v and set(v) <= {"user-interrupted", "speech-update"}
+        else "allowed items: user-interrupted, speech-update")
+    barge_in_window_ms: int = option(
+        300, "barge-in signals within this window count as one", minimum=0, maximum=10000)
+    dtmf: str = option(
+        "add-message", "keypresses: add-message (tell the assistant which key) or ignore "
+        "(always logged and counted)", choices=("add-message", "ignore"))
+    stream_wait_timeout: float = option(
+        15.0, "seconds after the voice webhook for the media stream to start; the Vapi "
+        "call is ended otherwise", minimum=1, maximum=600)
+    max_call_duration: float = option(
+        3600.0, "seconds a call may last before it is ended", minimum=10, maximum=86400)
+    uplink_keepalive_ms: int = option(
+        60, "when Twilio's media stalls this long, send silence frames to Vapi so it "
+        "does not end the call", minimum=20, maximum=10000)
+    reconnect_audio_ms: int = option(
+        0, "caller audio kept while the Vapi link reconnects (ms); older audio is dropped",
+        minimum=0, maximum=1000)
+
+    def __post_init__(self) -> None:
+        if not self.playout_lead_min_ms <= self.playout_lead_ms <= self.playout_lead_max_ms:
+            raise ValueError("need playout_lead_min_ms <= playout_lead_ms <= playout_lead_max_ms")
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the ini file configures; each attribute is one section."""
 
     gateway: GatewaySettings = GatewaySettings()
     log: LogSettings = LogSettings()
+    twilio: TwilioSettings = TwilioSettings()
+    vapi: VapiSettings = VapiSettings(webhook_auth="none")
+    assistant: AssistantSettings = AssistantSettings(id="default")
+    bridge: BridgeSettings = BridgeSettings()
+    routing: RoutingTable = RoutingTable()
     source: str = "<defaults>"
 
     def secrets(self) -> list[str]:
@@ -203,6 +425,7 @@ def _sections(cls: type[Settings]) -> dict[str, _Section]:
         f.name: _Section(f.name, hints[f.name])
         for f in dataclasses.fields(cls)
         if dataclasses.is_dataclass(hints[f.name])
+        and all("option" in g.metadata for g in dataclasses.fields(hints[f.name]))
     }
 
 
@@ -344,6 +567,7 @@ def _build_section(
         meta: Option = f.metadata["option"]
         tp = hints[key]
         where = f"{filename}: [{name}] {key}"
+        value = None
         if key in raw:
             try:
                 value = _convert(tp, meta, raw[key], environ)
@@ -355,7 +579,7 @@ def _build_section(
                 problems.append(f"{where}: {reason}; allowed: {_allowed(tp, meta)}")
                 continue
             values[key] = value
-        elif meta.required:
+        if meta.required and not value:
             kind = "secret" if meta.secret else "value"
             problems.append(
                 f"{where}: missing required {kind} ({meta.doc}); "
@@ -383,7 +607,7 @@ def parse_settings(
     sections = _sections(Settings)
     problems: list[str] = []
     for name in parser.sections():
-        if name not in sections:
+        if name not in sections and name != "routing":
             problems.append(
                 f"{filename}: [{name}]: unknown section (allowed: {', '.join(sorted(sections))})"
             )
@@ -391,9 +615,63 @@ def parse_settings(
     for name, section in sections.items():
         raw = dict(parser.items(name)) if parser.has_section(name) else {}
         built[section.attr] = _build_section(filename, name, section.cls, raw, env, problems)
+    base_dir = Path(filename).resolve().parent if filename != "<string>" else Path.cwd()
+    routing = _build_routing(filename, parser, built.get("assistant"), base_dir, problems)
     if problems:
         raise ConfigError(problems)
-    return Settings(**built, source=filename)
+    return Settings(**built, routing=routing, source=filename)
+
+
+def load_assistant_file(path: Path) -> dict[str, Any]:
+    """An inline assistant from a JSON file; ValueError with a reason otherwise."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{path} must hold a JSON object (an inline assistant)")
+    return value
+
+
+def _assistant_choice(value: str, base_dir: Path) -> AssistantChoice:
+    if value.startswith("file:"):
+        return InlineAssistant(load_assistant_file(base_dir / value[5:].strip()))
+    if not value.strip() or any(c.isspace() for c in value.strip()):
+        raise ValueError(f"{value!r} is not an assistantId or file:PATH")
+    return AssistantById(value.strip())
+
+
+def _build_routing(filename: str, parser: configparser.ConfigParser,
+                   assistant: AssistantSettings | None, base_dir: Path,
+                   problems: list[str]) -> RoutingTable:
+    """[assistant] (the default) and [routing] (dialled number → assistant)."""
+    default: AssistantChoice | None = None
+    if assistant is not None:
+        ref = assistant.id if assistant.id else f"file:{assistant.file}"
+        try:
+            default = _assistant_choice(ref, base_dir)
+        except ValueError as exc:
+            key = "id" if assistant.id else "file"
+            problems.append(f"{filename}: [assistant] {key}: {exc}")
+    routes: dict[str, AssistantChoice] = {}
+    if parser.has_section("routing"):
+        for number, value in parser.items("routing"):
+            where = f"{filename}: [routing] {number}"
+            if normalize_number(number) is None:
+                problems.append(f"{where}: not a phone number; allowed: an E.164 number "
+                                "such as +15551230001")
+                continue
+            try:
+                routes[number] = _assistant_choice(value, base_dir)
+            except ValueError as exc:
+                problems.append(f"{where}: {exc}; allowed: an assistantId or file:PATH")
+    try:
+        return RoutingTable(routes, default)
+    except ValueError as exc:
+        problems.append(f"{filename}: [routing]: {exc}")
+        return RoutingTable({}, default)
 
 
 def load_settings(path: str, environ: Mapping[str, str] | None = None) -> Settings:

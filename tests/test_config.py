@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from ini import minimal_ini
 
 from gateway.config import (
     ConfigError,
@@ -18,6 +19,7 @@ from gateway.config import (
     parse_settings,
     resolve_secret,
 )
+from gateway.vapi.assistants import AssistantById, InlineAssistant
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "etc" / "vapi-gateway.ini"
@@ -25,12 +27,16 @@ SHIPPED = ROOT / "etc" / "vapi-gateway.ini"
 
 def problems(text: str, environ: dict[str, str] | None = None) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        parse_settings(text, "gw.ini", environ or {})
+        parse_settings(minimal_ini() + text, "gw.ini", environ or {})
     return info.value.problems
 
 
+def parse(text: str = "", environ: dict[str, str] | None = None) -> Settings:
+    return parse_settings(minimal_ini() + text, "gw.ini", environ or {})
+
+
 def test_defaults_when_empty() -> None:
-    settings = parse_settings("", "gw.ini", {})
+    settings = parse()
     assert settings.gateway.listen == "tcp:8080:interface=127.0.0.1"
     assert settings.gateway.max_concurrent_calls == 100
     assert settings.log.format == "json"
@@ -38,16 +44,16 @@ def test_defaults_when_empty() -> None:
 
 
 def test_settings_are_immutable() -> None:
-    settings = parse_settings("", "gw.ini", {})
+    settings = parse()
     with pytest.raises(AttributeError):
         settings.gateway.max_concurrent_calls = 5  # type: ignore[misc]
 
 
 def test_values_are_typed() -> None:
-    settings = parse_settings(
+    settings = parse(
         "[gateway]\nmax_concurrent_calls = 7\ndrain_timeout = 2.5\n"
         "listen = systemd:domain=INET:index=0\npublic_url = https://gw.example.com/base\n",
-        "gw.ini", {})
+    )
     assert settings.gateway.max_concurrent_calls == 7
     assert settings.gateway.drain_timeout == 2.5
     assert settings.gateway.listen == "systemd:domain=INET:index=0"
@@ -87,6 +93,55 @@ def test_bad_input_gives_one_clear_line(text: str, pattern: str) -> None:
     found = problems(text)
     assert len(found) == 1, found
     assert re.search(pattern, found[0]), found[0]
+
+
+SECTION_PROBLEMS = [
+    ({"twilio": {"auth_token": ""}}, r"\[twilio\] auth_token: missing required secret"),
+    ({"twilio": {"auth_token": "env:NO_SUCH_VAR"}},
+     r"^gw\.ini: \[twilio\] auth_token: environment variable NO_SUCH_VAR is not set"),
+    ({"twilio": {"stream_token_secret": "short"}}, r"stream_token_secret: too short"),
+    ({"twilio": {"account_sid": "XX123"}}, r"account_sid: not an account SID"),
+    ({"twilio": {"hangup_via": "rest"}}, r"\[twilio\] hangup_via = rest needs account_sid"),
+    ({"twilio": {"validate_signatures": "maybe"}},
+     r"validate_signatures: 'maybe' is not true or false; allowed: true or false"),
+    ({"vapi": {"api_url": "http://vapi.example.com"}},
+     r"api_url: http:// is only allowed for loopback hosts"),
+    ({"vapi": {"sample_rate": "16000"}}, r"audio_format = mulaw needs sample_rate = 8000"),
+    ({"vapi": {"webhook_secret": ""}}, r"webhook_auth = secret needs webhook_secret"),
+    ({"vapi": {"on_vapi_loss": "retry"}}, r"on_vapi_loss: 'retry' is not allowed"),
+    ({"assistant": {"id": "", "file": ""}}, r"give exactly one of id .* or file"),
+    ({"assistant": {"id": "", "file": "missing.json"}},
+     r"\[assistant\] file: cannot read .*missing\.json"),
+    ({"routing": {"sales": "asst-1"}}, r"\[routing\] sales: not a phone number"),
+    ({"routing": {"+15551230001": "two words"}},
+     r"\[routing\] \+15551230001: 'two words' is not an assistantId or file:PATH"),
+    ({"bridge": {"playout_lead_ms": "500", "playout_lead_max_ms": "300"}},
+     r"need playout_lead_min_ms <= playout_lead_ms <= playout_lead_max_ms"),
+    ({"bridge": {"barge_in_signals": "user-interrupted,shout"}},
+     r"barge_in_signals: allowed items"),
+]
+
+
+@pytest.mark.parametrize(("sections", "pattern"), SECTION_PROBLEMS)
+def test_section_problems(sections: dict[str, dict[str, str]], pattern: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(minimal_ini(**sections), "gw.ini", {})
+    assert len(info.value.problems) == 1, info.value.problems
+    assert re.search(pattern, info.value.problems[0]), info.value.problems[0]
+
+
+def test_routing_and_inline_assistant_files(tmp_path: Path) -> None:
+    (tmp_path / "front.json").write_text('{"firstMessage": "Hi"}')
+    (tmp_path / "sales.json").write_text('{"firstMessage": "Sales"}')
+    ini = tmp_path / "gw.ini"
+    ini.write_text(minimal_ini(assistant={"id": "", "file": "front.json"},
+                               routing={"+1 555 123 0001": "asst-sales",
+                                        "+15551230002": "file:sales.json"}))
+    settings = load_settings(str(ini), {})
+    table = settings.routing
+    assert table.default == InlineAssistant({"firstMessage": "Hi"})
+    assert table.routes["+15551230001"] == AssistantById("asst-sales")
+    assert table.routes["+15551230002"] == InlineAssistant({"firstMessage": "Sales"})
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -140,8 +195,8 @@ def test_shipped_config_documents_every_option_with_its_default() -> None:
         for key, meta in options.items():
             match = re.search(rf"^;?{key} = ?(.*)$", body, flags=re.M)
             assert match, f"[{section}] {key} is not documented in {SHIPPED.name}"
-            before = body[: match.start()].rstrip().splitlines()
-            assert before and before[-1].startswith(";"), f"[{section}] {key} has no comment"
+            block = body[: match.start()].rstrip().split("\n\n")[-1].splitlines()
+            assert any(line.startswith("; ") for line in block), f"[{section}] {key}: no comment"
             default = option_default(section, key)
             if meta.secret or meta.required:
                 continue

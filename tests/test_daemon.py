@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ini import minimal_ini
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -43,7 +44,7 @@ class FakeCall:
 def make(text: str = "", environ: dict[str, str] | None = None
          ) -> tuple[Gateway, MemoryReactorClock]:
     reactor = MemoryReactorClock()
-    settings = parse_settings(text, "gw.ini", {})
+    settings = parse_settings(minimal_ini() + text, "gw.ini", {})
     gateway = build_gateway(settings, reactor, environ or {})
     gateway.service.privilegedStartService()
     gateway.service.startService()
@@ -138,7 +139,8 @@ def test_port_in_use_exits_with_a_clear_line() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        settings = parse_settings(f"[gateway]\nlisten = tcp:{port}:interface=127.0.0.1\n")
+        settings = parse_settings(
+            minimal_ini(gateway={"listen": f"tcp:{port}:interface=127.0.0.1"}))
         gateway = build_gateway(settings, reactor, {})  # type: ignore[arg-type]
         with pytest.raises(ListenFailed) as info:
             gateway.service.privilegedStartService()
@@ -149,7 +151,7 @@ def test_port_in_use_exits_with_a_clear_line() -> None:
 
 def test_systemd_endpoint_without_inherited_socket_exits_clearly() -> None:
     reactor = MemoryReactorClock()
-    settings = parse_settings("[gateway]\nlisten = systemd:domain=INET:index=0\n")
+    settings = parse_settings(minimal_ini(gateway={"listen": "systemd:domain=INET:index=0"}))
     gateway = build_gateway(settings, reactor, {})
     with pytest.raises(ListenFailed) as info:
         gateway.service.privilegedStartService()

@@ -42,6 +42,7 @@ def config_with(base: str | Path | None, overrides: Mapping[str, Mapping[str, st
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     if base is not None:
         parser.read(base, encoding="utf-8")
+        _rebase_files(parser, Path(base).resolve().parent)
     for section, values in overrides.items():
         if not parser.has_section(section):
             parser.add_section(section)
@@ -50,6 +51,16 @@ def config_with(base: str | Path | None, overrides: Mapping[str, Mapping[str, st
     out = io.StringIO()
     parser.write(out)
     return out.getvalue()
+
+
+def _rebase_files(parser: configparser.ConfigParser, folder: Path) -> None:
+    """Make the ini's relative assistant files absolute, so a copy elsewhere still works."""
+    if parser.has_option("assistant", "file") and parser.get("assistant", "file"):
+        parser.set("assistant", "file", str(folder / parser.get("assistant", "file")))
+    if parser.has_section("routing"):
+        for number, value in parser.items("routing"):
+            if value.startswith("file:"):
+                parser.set("routing", number, "file:" + str(folder / value[5:].strip()))
 
 
 class DaemonProcess:

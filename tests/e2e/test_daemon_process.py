@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ini import minimal_ini
 
-from gateway.tools.daemon_process import DaemonProcess, config_with, free_port, twistd_path
+from gateway.tools.daemon_process import DaemonProcess, free_port, twistd_path
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -26,7 +27,7 @@ def base_config(port: int, **sections: dict[str, str]) -> str:
                  "log": {"format": "json", "level": "debug"}}
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)
-    return config_with(None, overrides)
+    return minimal_ini(**overrides)
 
 
 @pytest.fixture
