@@ -260,7 +260,7 @@ def check_api_url(value: str) -> str | None:
 def is_loopback_host(host: str) -> bool:
     """True for localhost, 127.0.0.0/8 and ::1."""
     host = host.strip("[]").lower()
-    return host == "localhost" or host == "::1" or host.startswith("127.")
+    return host in {"localhost", "::1"} or host.startswith("127.")
 
 
 @dataclass(frozen=True)

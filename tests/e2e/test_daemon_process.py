@@ -66,7 +66,7 @@ def test_serves_health_and_exits_zero_on_sigterm(daemons: list[DaemonProcess]) -
 
 def test_bad_config_exits_non_zero_with_clear_lines(tmp_path: Path) -> None:
     bad = tmp_path / "bad.ini"
-    bad.write_text("[gateway]\nmax_concurrent_calls = many\n[log]\nformat = xml\n")
+    bad.write_text(minimal_ini(gateway={"max_concurrent_calls": "many"}, log={"format": "xml"}))
     out = subprocess.run([twistd_path(), "-n", "--pidfile=", "vapi-gateway", "--config",
                           str(bad)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
