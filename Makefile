@@ -34,7 +34,7 @@ lint: install
 
 $(DEV_SECRETS):
 	@for name in TWILIO_AUTH_TOKEN STREAM_TOKEN_SECRET VAPI_API_KEY VAPI_WEBHOOK_SECRET; do \
-	  echo "$$name=\"\$${$$name:-dev-$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')}\""; \
+	  echo "$$name=\"\$${$$name:-dev-$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(20))')}\""; \
 	done > $@
 	@echo "wrote $@ (development secrets; export real values to override)"
 

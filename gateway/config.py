@@ -131,6 +131,20 @@ def check_http_base_url(value: str) -> str | None:
     return None
 
 
+def check_loopback_if_plain(value: str) -> str | None:
+    """http:// (and so ws://) only for loopback hosts; anything public needs TLS."""
+    parts = urlsplit(value)
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
+        return "http:// is only allowed for loopback hosts; use https://"
+    return None
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1."""
+    host = host.strip("[]").lower().rstrip(".")
+    return host in {"localhost", "::1"} or host.startswith("127.")
+
+
 def check_path(value: str) -> str | None:
     """A URL path of the public listener."""
     if not value.startswith("/") or "?" in value or "#" in value or " " in value:
@@ -152,8 +166,9 @@ class GatewaySettings:
     )
     public_url: str = option(
         "http://127.0.0.1:8080",
-        "base URL at which Twilio reaches this gateway (signatures are checked against it)",
-        check=check_http_base_url,
+        "base URL at which Twilio reaches this gateway (signatures are checked against it); "
+        "https:// in production, http:// only for loopback hosts (local tests)",
+        check=lambda v: check_http_base_url(v) or check_loopback_if_plain(v),
     )
     max_concurrent_calls: int = option(
         100, "calls admitted at once; more get the busy message", minimum=1, maximum=100000
@@ -184,6 +199,9 @@ class TwilioSettings:
     auth_token: Secret | None = option(
         None, "the account's primary Auth Token: checks X-Twilio-Signature and signs REST",
         secret=True, required=True)
+    previous_auth_token: Secret | None = option(
+        None, "the Auth Token being rotated out: signatures made with it are still accepted",
+        secret=True)
     account_sid: str = option(
         "", "the account SID (AC…), needed for REST hang-up and outbound calls",
         check=lambda v: None if v == "" or (v.startswith("AC") and len(v) == 34)
@@ -203,9 +221,9 @@ class TwilioSettings:
         "/twilio/stream-status", "<Stream statusCallback> events", check=check_path)
     stream_token_secret: Secret | None = option(
         None, "HMAC key of the stream token binding the media socket to the signed call "
-        "(at least 16 characters)", secret=True, required=True,
-        check=lambda v: None if v is None or len(v.reveal()) >= 16
-        else "too short: use at least 16 random characters")
+        "(at least 32 characters)", secret=True, required=True,
+        check=lambda v: None if v is None or len(v.reveal()) >= 32
+        else "too short: use at least 32 random characters")
     stream_token_ttl: int = option(
         120, "seconds a stream token stays valid after the voice webhook", minimum=5,
         maximum=3600)
@@ -248,19 +266,7 @@ class TwilioSettings:
 
 def check_api_url(value: str) -> str | None:
     """Vapi's API base URL: https (or http on loopback, for development)."""
-    problem = check_http_base_url(value)
-    if problem is not None:
-        return problem
-    parts = urlsplit(value)
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
-        return "http:// is only allowed for loopback hosts; use https://"
-    return None
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for localhost, 127.0.0.0/8 and ::1."""
-    host = host.strip("[]").lower()
-    return host in {"localhost", "::1"} or host.startswith("127.")
+    return check_http_base_url(value) or check_loopback_if_plain(value)
 
 
 @dataclass(frozen=True)
