@@ -1,0 +1,575 @@
+"""One phone call: the session that joins its Twilio media stream to its Vapi call socket.
+
+A :class:`CallSession` is created when the voice webhook admits a call, and starts
+creating the Vapi call at once, so the assistant is ready by the time Twilio's media
+stream starts.  It then carries audio both ways:
+
+- **uplink** (caller → Vapi): every caller frame is forwarded the moment it arrives;
+  gaps in Twilio's timestamps are filled with mu-law silence, and while Twilio's stream
+  stalls, silence frames keep Vapi's uplink flowing (Vapi ends calls whose audio stops).
+  While the Vapi link is not open, caller audio is dropped (or at most
+  ``reconnect_audio_ms`` of it kept) — stale speech is never replayed.
+- **downlink** (Vapi → caller): Vapi's bursts go into the sans-io
+  :class:`~gateway.audio.playout.PlayoutBuffer`, which decides on every playout tick
+  (and right after each burst) which 20 ms frames and marks go to Twilio.
+- **barge-in**: on Vapi's ``user-interrupted`` (and/or a user ``speech-update``), in
+  the same reactor turn, the local buffer is emptied, Twilio gets ``clear`` and the
+  generation is bumped.
+
+Every time-based decision (stream never arrived, maximum duration, idle stream,
+uplink keep-alive, playout) is made in :meth:`CallSession.tick`, driven by the
+worker's one playout clock: a session owns no timer of its own, so none can be left
+running.  :meth:`CallSession.end` ends both legs exactly once for any cause — the Vapi
+side always gets ``end-call`` and a close (an orphaned Vapi call bills by the minute),
+the Twilio side a socket close or a REST hang-up — and logs one summary line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.python.failure import Failure
+
+from gateway.audio.playout import (
+    FRAME_BYTES,
+    FRAME_NS,
+    PlayoutBuffer,
+    PlayoutConfig,
+    SendClear,
+    SendMark,
+    SendMedia,
+)
+from gateway.audio.resample import PcmToTwilio, TwilioToPcm
+from gateway.config import BridgeSettings
+from gateway.logs import get_logger
+from gateway.twilio.stream import Audio, Started
+from gateway.vapi.calls import CreatedCall
+from gateway.vapi.codec import (
+    AddMessage,
+    AssistantStalled,
+    CallEvent,
+    EndOfCallReport,
+    MessageToAdd,
+    SpeechUpdate,
+    StatusUpdate,
+    ToolCalls,
+    Transcript,
+    UserInterrupted,
+)
+from gateway.vapi.link import LinkClosedReason, LinkFailure, LinkState, Open
+
+log = get_logger("gateway.bridge")
+
+SILENCE_FRAME = b"\xff" * FRAME_BYTES
+NS_PER_MS = 1_000_000
+#: Silence frames sent at most per tick to catch the uplink up after a stall.
+MAX_KEEPALIVE_FRAMES_PER_TICK = 10
+#: A timestamp gap longer than this is not filled frame by frame (keep-alive covered it).
+MAX_GAP_FILL_FRAMES = 50
+#: How often one phone call may get a new Vapi call after losing its socket.
+MAX_RECREATES = 2
+
+#: End causes that mean the call ended on purpose, so the caller need not hear the
+#: fallback message (a REST hang-up is used when the account SID is configured).
+NORMAL_END_CAUSES = frozenset({"vapi-ended", "admin-hangup", "max-duration"})
+#: End causes after which Twilio's side is already gone: no hang-up needed.
+CALLER_GONE_CAUSES = frozenset({"twilio-stop", "twilio-status", "twilio-socket-closed"})
+
+
+class MediaSocket(Protocol):
+    """What a session needs of the Twilio media WebSocket (the Twilio leg's protocol)."""
+
+    def send_media(self, payload: bytes) -> None: ...
+
+    def send_mark(self, name: str) -> None: ...
+
+    def send_clear(self) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class VapiLink(Protocol):
+    """What a session needs of the Vapi link (``gateway.vapi.link_driver.LinkDriver``)."""
+
+    @property
+    def state(self) -> LinkState: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> Deferred[LinkClosedReason]: ...
+
+    def send_audio(self, audio: bytes) -> bool: ...
+
+    def send_message(self, message: Any) -> bool: ...
+
+    def when_open(self) -> Deferred[None]: ...
+
+
+@dataclass(frozen=True)
+class SessionPolicy:
+    """How sessions behave, derived once from the settings for every call."""
+
+    audio_encoding: str = "mulaw"
+    sample_rate: int = 8000
+    idle_timeout_ns: int = 10 * 1_000_000_000
+    on_vapi_loss: str = "recreate"
+    recreate_first_message: str | None = None
+    rest_available: bool = False
+    hangup_via_rest: bool = False
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """Who is calling whom: from the signed voice webhook (or the stream's parameters)."""
+
+    call_sid: str
+    caller: str = ""
+    called: str = ""
+    account_sid: str = ""
+
+
+@dataclass
+class CallCounters:
+    """Per-call figures for the summary line and the admin API."""
+
+    uplink_frames: int = 0
+    uplink_bytes: int = 0
+    uplink_dropped_frames: int = 0
+    gap_fill_frames: int = 0
+    keepalive_frames: int = 0
+    downlink_bursts: int = 0
+    downlink_bytes_in: int = 0
+    barge_ins: int = 0
+    barge_in_reaction_us: list[float] = field(default_factory=list)
+    barge_in_queued_ms: list[float] = field(default_factory=list)
+    dtmf_digits: int = 0
+    reconnects: int = 0
+    recreates: int = 0
+    streams: int = 0
+    first_uplink_ms: float | None = None
+    first_downlink_ms: float | None = None
+
+
+class SessionHooks(Protocol):
+    """What the session asks of the switchboard that owns it."""
+
+    def create_vapi_call(self, session: CallSession, first_message: str | None
+                         ) -> Deferred[CreatedCall]: ...
+
+    def open_link(self, session: CallSession, created: CreatedCall) -> VapiLink: ...
+
+    def end_orphan(self, created: CreatedCall) -> None: ...
+
+    def hang_up_twilio(self, session: CallSession) -> Deferred[None] | None: ...
+
+    def session_ended(self, session: CallSession) -> None: ...
+
+
+class CallSession:
+    """One phone call, from the voice webhook to the end of both legs."""
+
+    def __init__(self, info: CallInfo, settings: BridgeSettings, policy: SessionPolicy,
+                 hooks: SessionHooks, now_ns: Callable[[], int]) -> None:
+        self.info = info
+        self.settings = settings
+        self._hooks = hooks
+        self._now_ns = now_ns
+        self.log = log.bind(call_sid=info.call_sid)
+        self.counters = CallCounters()
+        self.created_ns = now_ns()
+        self.created_wall = time.time()
+        self.state = "awaiting-stream"
+        self.cause: str | None = None
+        self.vapi_call_id: str | None = None
+        self.stream: MediaSocket | None = None
+        self.stream_sid: str | None = None
+        self.link: VapiLink | None = None
+        self._creating: Deferred[CreatedCall] | None = None
+        self._ended: Deferred[None] | None = None
+        self._done_waiters: list[Deferred[None]] = []
+        self.policy = policy
+        self._stream_deadline_ns = self.created_ns + int(settings.stream_wait_timeout * 1e9)
+        self._max_end_ns = self.created_ns + int(settings.max_call_duration * 1e9)
+        self._idle_timeout_ns = policy.idle_timeout_ns
+        self._stream_started_ns = 0
+        self._last_media_ns = 0
+        self._last_uplink_ns = 0
+        self._keepalive_frames_since_media = 0
+        self._keepalive_ns = settings.uplink_keepalive_ms * NS_PER_MS
+        self._held_uplink: deque[bytes] = deque()
+        self._held_limit = settings.reconnect_audio_ms // 20
+        self._barge_in_signals = frozenset(settings.barge_in_signals)
+        self.playout = PlayoutBuffer(PlayoutConfig(
+            initial_lead_ms=settings.playout_lead_ms,
+            min_lead_ms=settings.playout_lead_min_ms,
+            max_lead_ms=settings.playout_lead_max_ms,
+            max_buffer_ms=int(settings.buffer_seconds * 1000),
+            mark_every_frames=settings.mark_every_frames,
+            barge_in_window_ms=settings.barge_in_window_ms,
+        ))
+        self.pcm = policy.audio_encoding == "pcm_s16le"
+        self._to_vapi = TwilioToPcm(policy.sample_rate) if self.pcm else None
+        self._from_vapi = PcmToTwilio(policy.sample_rate) if self.pcm else None
+
+    # -- identity ---------------------------------------------------------------
+
+    @property
+    def call_sid(self) -> str:
+        return self.info.call_sid
+
+    @property
+    def ended(self) -> bool:
+        return self.cause is not None
+
+    # -- the Vapi call ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start creating the Vapi call (at the voice webhook, before the stream)."""
+        self._create_vapi_call(first_message=None)
+
+    def _create_vapi_call(self, first_message: str | None) -> None:
+        creating = self._hooks.create_vapi_call(self, first_message)
+        self._creating = creating
+        creating.addCallbacks(self._vapi_call_created, self._vapi_call_failed)
+
+    def _vapi_call_created(self, created: CreatedCall) -> None:
+        self._creating = None
+        if self.ended:  # the phone call ended while Vapi was creating: end that call too
+            self.log.info("vapi call created after the call ended; ending it",
+                          vapi_call_id=created.call_id)
+            self._hooks.end_orphan(created)
+            return
+        self.vapi_call_id = created.call_id
+        self.log = self.log.bind(vapi_call_id=created.call_id)
+        self.log.info("vapi call created",
+                      setup_ms=round((self._now_ns() - self.created_ns) / NS_PER_MS, 1))
+        self.link = self._hooks.open_link(self, created)
+        self.link.start()
+
+    def _vapi_call_failed(self, failure: Failure) -> None:
+        self._creating = None
+        if self.ended:
+            return
+        self.log.error("vapi call creation failed", error=failure.getErrorMessage(),
+                       kind=type(failure.value).__name__)
+        self.end("vapi-create-failed")
+
+    # -- the LinkOwner interface (gateway.vapi.link_driver) ------------------------
+
+    def on_link_open(self) -> None:
+        now = self._now_ns()
+        self._last_uplink_ns = now
+        held, self._held_uplink = self._held_uplink, deque()
+        for frame in held:
+            self._send_uplink(frame)
+
+    def on_link_audio(self, audio: bytes) -> None:
+        if self.ended:
+            return
+        self.counters.downlink_bursts += 1
+        self.counters.downlink_bytes_in += len(audio)
+        if self._from_vapi is not None:
+            audio = self._from_vapi.process(audio)
+        self.playout.push(audio)
+        if self.stream is not None:
+            self._play(self._now_ns())
+
+    def on_link_event(self, event: CallEvent) -> None:
+        if self.ended:
+            return
+        if isinstance(event, UserInterrupted):
+            if "user-interrupted" in self._barge_in_signals:
+                self._barge_in("user-interrupted")
+        elif isinstance(event, SpeechUpdate):
+            if event.role == "user" and event.status == "started":
+                if "speech-update" in self._barge_in_signals:
+                    self._barge_in("speech-update")
+            elif event.role == "assistant" and event.status == "stopped":
+                if self._from_vapi is not None:
+                    self.playout.push(self._from_vapi.flush())
+                self.playout.end_of_utterance()
+        elif isinstance(event, StatusUpdate):
+            self.log.info("vapi status", status=event.status, ended_reason=event.ended_reason)
+            if event.status == "ended":
+                self.end("vapi-ended")
+        elif isinstance(event, EndOfCallReport):
+            self.log.info("vapi end-of-call report", ended_reason=event.ended_reason)
+            self.end("vapi-ended")
+        elif isinstance(event, AssistantStalled):
+            self.log.info("vapi assistant stalled (hang)")
+        elif isinstance(event, Transcript):
+            self.log.debug("transcript", role=event.role, kind=event.transcript_type)
+        elif isinstance(event, ToolCalls):
+            self.log.info("vapi tool calls", count=len(event.tool_call_list or ()))
+
+    def on_link_transition(self, old: LinkState, new: LinkState) -> None:
+        name = type(new).__name__.lower()
+        if name == "reconnecting":
+            self.counters.reconnects += 1
+        self.log.info("vapi link", state=name, previous=type(old).__name__.lower())
+
+    def on_link_failed(self, failure: LinkFailure) -> None:
+        if self.ended:
+            return
+        lost_call = self.vapi_call_id
+        if self.policy.on_vapi_loss == "recreate" and self.counters.recreates < MAX_RECREATES:
+            self.counters.recreates += 1
+            self.log.warning("vapi link lost; creating a new vapi call", reason=failure.reason,
+                             attempts=failure.attempts, lost_vapi_call_id=lost_call)
+            self.link = None
+            self._create_vapi_call(first_message=self.policy.recreate_first_message)
+            return
+        self.log.error("vapi link lost; hanging up", reason=failure.reason,
+                       attempts=failure.attempts)
+        self.end("vapi-lost")
+
+    def on_link_closed(self, reason: LinkClosedReason) -> None:
+        if not self.ended:
+            self.end("vapi-ended" if reason is not LinkClosedReason.STOPPED else "vapi-closed")
+
+    # -- the Twilio media stream ---------------------------------------------------
+
+    def attach_stream(self, stream: MediaSocket, started: Started) -> None:
+        """Bind (or re-bind) the Twilio media stream of this call."""
+        now = self._now_ns()
+        previous = self.stream
+        self.stream = stream
+        self.stream_sid = started.stream_sid
+        self.counters.streams += 1
+        self.log = self.log.bind(stream_sid=started.stream_sid)
+        if previous is not None:
+            self.log.warning("a second stream replaces the first")
+            previous.close(1000, "replaced by a newer stream for the same call")
+            # Twilio's queue belonged to the old stream; what we still hold plays on the new
+            self.playout.restart(now, keep_buffered=True)
+        self.state = "streaming"
+        self._stream_started_ns = now
+        self._last_media_ns = now
+        self._play(now)
+
+    def on_stream_audio(self, audio: Audio) -> None:
+        now = self._now_ns()
+        self._last_media_ns = now
+        gap = audio.gap_frames - self._keepalive_frames_since_media
+        self._keepalive_frames_since_media = 0
+        if gap > 0:
+            gap = min(gap, MAX_GAP_FILL_FRAMES)
+            self.counters.gap_fill_frames += gap
+            for _ in range(gap):
+                self._uplink(SILENCE_FRAME)
+        self._uplink(audio.payload)
+        if self.counters.first_uplink_ms is None and self.counters.uplink_frames:
+            self.counters.first_uplink_ms = (now - self._stream_started_ns) / NS_PER_MS
+        self._last_uplink_ns = now
+
+    def on_stream_dtmf(self, digit: str) -> None:
+        self.counters.dtmf_digits += 1
+        self.log.info("dtmf", digit=digit, forwarded=self.settings.dtmf)
+        if self.settings.dtmf == "add-message" and self.link is not None:
+            self.link.send_message(AddMessage(
+                message=MessageToAdd(role="system",
+                                     content=f"The caller pressed {digit} on the keypad."),
+                trigger_response_enabled=True))
+
+    def on_stream_mark(self, name: str) -> None:
+        self.playout.on_mark_echo(name, self._now_ns())
+
+    def on_stream_stopped(self) -> None:
+        self.end("twilio-stop")
+
+    def on_stream_closed(self, stream: MediaSocket) -> None:
+        """The media socket closed or dropped (only the current stream counts)."""
+        if stream is self.stream:
+            self.stream = None
+            if not self.ended:
+                self.end("twilio-socket-closed")
+
+    # -- audio paths -----------------------------------------------------------------
+
+    def _uplink(self, mulaw: bytes) -> None:
+        if self._to_vapi is not None:
+            mulaw = self._to_vapi.process(mulaw)
+        link = self.link
+        if link is not None and isinstance(link.state, Open):
+            self._send_uplink(mulaw)
+        else:
+            self.counters.uplink_dropped_frames += 1
+            if self._held_limit:
+                self._held_uplink.append(mulaw)
+                while len(self._held_uplink) > self._held_limit:
+                    self._held_uplink.popleft()
+
+    def _send_uplink(self, data: bytes) -> None:
+        assert self.link is not None
+        if self.link.send_audio(data):
+            self.counters.uplink_frames += 1
+            self.counters.uplink_bytes += len(data)
+
+    def _play(self, now: int) -> None:
+        stream = self.stream
+        if stream is None:
+            return
+        for action in self.playout.tick(now):
+            if type(action) is SendMedia:
+                stream.send_media(action.payload)
+                if self.counters.first_downlink_ms is None:
+                    self.counters.first_downlink_ms = (now - self._stream_started_ns) / NS_PER_MS
+            elif type(action) is SendMark:
+                stream.send_mark(action.name)
+            elif type(action) is SendClear:
+                stream.send_clear()
+
+    def _barge_in(self, signal: str) -> None:
+        started = time.perf_counter_ns()
+        report = self.playout.barge_in(self._now_ns())
+        if self._from_vapi is not None:
+            self._from_vapi.reset()
+        if self.stream is not None:
+            for action in report.actions:
+                if isinstance(action, SendClear):
+                    self.stream.send_clear()
+        reaction_us = (time.perf_counter_ns() - started) / 1000
+        if report.repeated:
+            return
+        self.counters.barge_ins += 1
+        self.counters.barge_in_reaction_us.append(round(reaction_us, 1))
+        self.counters.barge_in_queued_ms.append(round(report.queued_at_twilio_ms, 1))
+        self.log.info("barge-in", signal=signal, reaction_us=round(reaction_us, 1),
+                      queued_at_twilio_ms=round(report.queued_at_twilio_ms, 1),
+                      dropped_local_ms=round(report.dropped_local_ms, 1))
+
+    # -- the clock -------------------------------------------------------------------------
+
+    def tick(self, now: int) -> None:
+        """The playout clock's 20 ms tick: deadlines, keep-alive and playout."""
+        if self.ended:
+            return
+        if self.stream is None:
+            if self.state == "awaiting-stream" and now >= self._stream_deadline_ns:
+                self.end("stream-never-arrived")
+            return
+        if now >= self._max_end_ns:
+            self.end("max-duration")
+            return
+        if now - self._last_media_ns >= self._idle_timeout_ns:
+            self.end("idle-timeout")
+            return
+        self._keep_uplink_alive(now)
+        self._play(now)
+
+    def _keep_uplink_alive(self, now: int) -> None:
+        link = self.link
+        if link is None or not isinstance(link.state, Open):
+            return
+        stalled = now - self._last_uplink_ns
+        if stalled < self._keepalive_ns:
+            return
+        frames = min(stalled // FRAME_NS, MAX_KEEPALIVE_FRAMES_PER_TICK)
+        for _ in range(frames):
+            self._uplink(SILENCE_FRAME)
+        self._last_uplink_ns += frames * FRAME_NS
+        self._keepalive_frames_since_media += frames
+        self.counters.keepalive_frames += frames
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def end(self, cause: str) -> Deferred[None]:
+        """End both legs for ``cause``, exactly once; fires when teardown is complete."""
+        if self._ended is None:
+            self.cause = cause  # first: anything teardown sets off sees the call as ended
+            self._ended = self._teardown(cause)
+            self._ended.addBoth(self._release_waiters)
+        if self._ended.called:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._done_waiters.append(waiter)
+        return waiter
+
+    def _release_waiters(self, result: object) -> None:
+        waiters, self._done_waiters = self._done_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _teardown(self, cause: str) -> Deferred[None]:
+        previous_state, self.state = self.state, "ended"
+        waits: list[Deferred[Any]] = []
+        link, self.link = self.link, None
+        if link is not None:
+            waits.append(link.stop())  # end-call exactly once, then close
+        # a Vapi call still being created is ended when it arrives (_vapi_call_created)
+        stream, self.stream = self.stream, None
+        # The caller hears the TwiML fallback when the socket closes; a call ended on
+        # purpose is hung up over REST instead when REST credentials are configured.
+        policy = self.policy
+        use_rest = policy.rest_available and (
+            policy.hangup_via_rest or cause in NORMAL_END_CAUSES)
+        if use_rest and cause not in CALLER_GONE_CAUSES:
+            hanging = self._hooks.hang_up_twilio(self)
+            if hanging is not None:
+                waits.append(hanging)
+        if stream is not None:
+            stream.close(1000, f"call ended: {cause}")
+        self._hooks.session_ended(self)
+        self._log_summary(cause, previous_state)
+        done: Deferred[None] = DeferredList(waits, consumeErrors=True).addCallback(
+            lambda _: None)
+        return done
+
+    def _log_summary(self, cause: str, previous_state: str) -> None:
+        now = self._now_ns()
+        stats = self.playout.stats(now)
+        c = self.counters
+        reactions = sorted(c.barge_in_reaction_us)
+        self.log.info(
+            "call ended",
+            cause=cause,
+            state_at_end=previous_state,
+            duration_s=round((now - self.created_ns) / 1e9, 3),
+            caller=self.info.caller,
+            called=self.info.called,
+            frames_up=c.uplink_frames,
+            frames_down=stats.frames_sent,
+            uplink_dropped=c.uplink_dropped_frames,
+            gap_fill_frames=c.gap_fill_frames,
+            keepalive_frames=c.keepalive_frames,
+            underruns=stats.underruns,
+            underrun_ms=round(stats.underrun_ms, 1),
+            peak_buffer_ms=round(stats.peak_buffered_ms, 1),
+            overflow_drops=stats.overflow_drops,
+            barge_ins=c.barge_ins,
+            barge_in_reaction_us=reactions,
+            barge_in_queued_ms=c.barge_in_queued_ms,
+            reconnects=c.reconnects,
+            recreates=c.recreates,
+            streams=c.streams,
+            dtmf=c.dtmf_digits,
+            first_uplink_ms=c.first_uplink_ms,
+            first_downlink_ms=c.first_downlink_ms,
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """The call as JSON-ready data (admin API, logs)."""
+        now = self._now_ns()
+        stats = self.playout.stats(now)
+        return {
+            "call_sid": self.call_sid,
+            "from": self.info.caller,
+            "to": self.info.called,
+            "started": self.created_wall,
+            "state": self.state,
+            "vapi_call_id": self.vapi_call_id,
+            "stream_sid": self.stream_sid,
+            "lead_ms": round(stats.lead_ms, 1),
+            "target_lead_ms": round(stats.target_lead_ms, 1),
+            "buffered_ms": round(stats.buffered_ms, 1),
+            "frames_up": self.counters.uplink_frames,
+            "frames_down": stats.frames_sent,
+            "underruns": stats.underruns,
+            "barge_ins": self.counters.barge_ins,
+            "reconnects": self.counters.reconnects,
+        }

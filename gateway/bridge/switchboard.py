@@ -1,0 +1,268 @@
+"""The switchboard: where calls are opened, found, joined to their legs, and ended.
+
+It is the one object the routes and protocols of both legs talk to:
+
+- the Twilio voice webhook opens a call (:meth:`Switchboard.open_call`), which starts
+  creating its Vapi call at once;
+- the Twilio media socket attaches its stream (:meth:`Switchboard.attach_stream`);
+- status callbacks, Vapi webhooks and the admin API end calls by CallSid or by Vapi
+  call id;
+- the worker's one :class:`PlayoutClock` ticks every session every 20 ms.
+
+It implements the sessions' hooks: creating Vapi calls (routing chooses the assistant),
+opening Vapi links, ending orphaned Vapi calls, hanging up over Twilio's REST API, and
+removing ended sessions from the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from gateway.admission import Admission
+from gateway.bridge.registry import CallRegistry
+from gateway.bridge.session import CallInfo, CallSession, MediaSocket, SessionPolicy, VapiLink
+from gateway.config import Settings
+from gateway.logs import get_logger
+from gateway.twilio.stream import Started
+from gateway.vapi.assistants import choose_assistant, twilio_call_overrides
+from gateway.vapi.calls import AudioFormat, CreatedCall
+
+log = get_logger("gateway.bridge")
+
+NS_PER_SECOND = 1_000_000_000
+TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+
+
+class VapiCalls(Protocol):
+    """Creates Vapi calls (``gateway.vapi.calls.CallCreator``)."""
+
+    def create_call(self, choice: Any, audio: AudioFormat, overrides: Any = None
+                    ) -> Deferred[CreatedCall]: ...
+
+
+class TwilioHangup(Protocol):
+    """Hangs up a Twilio call over REST (``gateway.twilio.rest.TwilioRestClient``)."""
+
+    def hang_up(self, call_sid: str) -> Deferred[Any]: ...
+
+
+LinkFactory = Callable[[CallSession, CreatedCall], VapiLink]
+
+
+class Switchboard:
+    """All calls of this worker (see the module docstring)."""
+
+    def __init__(self, settings: Settings, registry: CallRegistry, admission: Admission,
+                 clock: IReactorTime, vapi_calls: VapiCalls, link_factory: LinkFactory,
+                 twilio_rest: TwilioHangup | None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.admission = admission
+        self.clock = clock
+        self._vapi_calls = vapi_calls
+        self._link_factory = link_factory
+        self._twilio_rest = twilio_rest
+        self._sessions: dict[str, CallSession] = {}
+        self._by_vapi_call: dict[str, CallSession] = {}
+        vapi = settings.vapi
+        self._audio = AudioFormat(vapi.audio_format, vapi.sample_rate)  # type: ignore[arg-type]
+        self.policy = SessionPolicy(
+            audio_encoding=vapi.audio_format,
+            sample_rate=vapi.sample_rate,
+            idle_timeout_ns=int(settings.twilio.idle_timeout * NS_PER_SECOND),
+            on_vapi_loss=vapi.on_vapi_loss,
+            recreate_first_message=vapi.recreate_first_message or None,
+            rest_available=twilio_rest is not None,
+            hangup_via_rest=settings.twilio.hangup_via == "rest",
+        )
+        self.orphans_ended = 0
+
+    def now_ns(self) -> int:
+        return round(self.clock.seconds() * NS_PER_SECOND)
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def get(self, call_sid: str) -> CallSession | None:
+        return self._sessions.get(call_sid)
+
+    def by_vapi_call(self, vapi_call_id: str) -> CallSession | None:
+        return self._by_vapi_call.get(vapi_call_id)
+
+    def sessions(self) -> list[CallSession]:
+        return list(self._sessions.values())
+
+    # -- opening and attaching ------------------------------------------------------------
+
+    def open_call(self, info: CallInfo) -> CallSession:
+        """An admitted call: register its session and start creating its Vapi call.
+
+        A repeated webhook for a live call (Twilio retries) returns the existing session.
+        """
+        existing = self._sessions.get(info.call_sid)
+        if existing is not None and not existing.ended:
+            return existing
+        session = CallSession(info, self.settings.bridge, self.policy, self, self.now_ns)
+        self._sessions[info.call_sid] = session
+        self.registry.add(session)
+        session.log.info("call admitted", caller=info.caller, called=info.called,
+                         active_calls=len(self._sessions))
+        session.start()
+        return session
+
+    def attach_stream(self, stream: MediaSocket, started: Started) -> CallSession | None:
+        """Join a started media stream (its token already verified) to its call.
+
+        A stream for a call this worker does not hold (e.g. the daemon restarted
+        between the webhook and the stream) opens the call now, if admitted.
+        """
+        session = self._sessions.get(started.call_sid)
+        if session is None or session.ended:
+            if self.admission.admit() is not None:
+                log.warning("stream refused: not admitting calls", call_sid=started.call_sid)
+                return None
+            params = started.custom_parameters
+            session = self.open_call(CallInfo(
+                started.call_sid, params.get("from", ""), params.get("to", ""),
+                started.account_sid))
+        session.attach_stream(stream, started)
+        return session
+
+    # -- ending -------------------------------------------------------------------------------
+
+    def end_call(self, call_sid: str, cause: str) -> Deferred[None] | None:
+        """End a call by CallSid; None if this worker holds no such call."""
+        session = self._sessions.get(call_sid)
+        if session is None:
+            return None
+        return session.end(cause)
+
+    def call_status(self, call_sid: str, status: str) -> bool:
+        """A Twilio call status callback; a terminal status ends the call. Idempotent."""
+        if status not in TERMINAL_CALL_STATUSES:
+            return False
+        return self.end_call(call_sid, "twilio-status") is not None
+
+    def vapi_call_ended(self, vapi_call_id: str) -> bool:
+        """Vapi says (by webhook) that its call ended: end the phone call too."""
+        session = self._by_vapi_call.get(vapi_call_id)
+        if session is None:
+            return False
+        session.end("vapi-ended")
+        return True
+
+    # -- the sessions' hooks ------------------------------------------------------------------
+
+    def create_vapi_call(self, session: CallSession, first_message: str | None
+                         ) -> Deferred[CreatedCall]:
+        info = session.info
+        choice = choose_assistant(self.settings.routing, info.called)
+        overrides: dict[str, Any] | None = None
+        if self.settings.assistant.variable_values or first_message is not None:
+            overrides = twilio_call_overrides(
+                caller_number=info.caller or None, dialled_number=info.called or None,
+                call_sid=info.call_sid, first_message=first_message)
+            if not self.settings.assistant.variable_values:
+                overrides.pop("variableValues", None)
+        if choice is None:  # routing always has a default; kept for type safety
+            raise RuntimeError("no assistant configured")
+        creating = self._vapi_calls.create_call(choice, self._audio, overrides)
+
+        def remember(created: CreatedCall) -> CreatedCall:
+            if not session.ended:
+                self._by_vapi_call[created.call_id] = session
+            return created
+
+        return creating.addCallback(remember)
+
+    def open_link(self, session: CallSession, created: CreatedCall) -> VapiLink:
+        return self._link_factory(session, created)
+
+    def end_orphan(self, created: CreatedCall) -> None:
+        """A Vapi call whose phone call is gone: open its socket only to end it."""
+        self.orphans_ended += 1
+        self._by_vapi_call.pop(created.call_id, None)
+        link = self._link_factory(_OrphanOwner(created.call_id), created)  # type: ignore[arg-type]
+        link.start()
+        # end-call goes out once the socket is open; if it never opens, stop closes it
+        link.when_open().addBoth(lambda _: link.stop())
+
+    def hang_up_twilio(self, session: CallSession) -> Deferred[None] | None:
+        if self._twilio_rest is None:
+            return None
+        hanging = self._twilio_rest.hang_up(session.call_sid)
+
+        def failed(failure: Failure) -> None:
+            session.log.error("twilio hang-up failed", error=failure.getErrorMessage())
+
+        return hanging.addCallbacks(lambda _: None, failed)
+
+    def session_ended(self, session: CallSession) -> None:
+        if self._sessions.get(session.call_sid) is session:
+            del self._sessions[session.call_sid]
+        if session.vapi_call_id is not None:
+            self._by_vapi_call.pop(session.vapi_call_id, None)
+        self.registry.remove(session)
+
+    # -- the clock ---------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One playout tick for every session; a failing session is ended, never the loop."""
+        now = self.now_ns()
+        for session in list(self._sessions.values()):
+            try:
+                session.tick(now)
+            except Exception:
+                session.log.error("session tick failed; ending the call", exc_info=True)
+                session.end("internal-error")
+
+
+class _OrphanOwner:
+    """The owner of a link opened only to end an orphaned Vapi call: it ignores all."""
+
+    def __init__(self, call_id: str) -> None:
+        self.log = log.bind(vapi_call_id=call_id, orphan=True)
+
+    def on_link_open(self) -> None:
+        pass
+
+    def on_link_audio(self, audio: bytes) -> None:
+        pass
+
+    def on_link_event(self, event: object) -> None:
+        pass
+
+    def on_link_transition(self, old: object, new: object) -> None:
+        pass
+
+    def on_link_failed(self, failure: object) -> None:
+        self.log.warning("could not reach an orphaned vapi call to end it")
+
+    def on_link_closed(self, reason: object) -> None:
+        self.log.info("orphaned vapi call ended")
+
+
+class PlayoutClock(Service):
+    """The worker's one 20 ms LoopingCall that ticks every session."""
+
+    INTERVAL = 0.02
+
+    def __init__(self, switchboard: Switchboard, clock: IReactorTime) -> None:
+        self._loop = LoopingCall(switchboard.tick)
+        self._loop.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        done = self._loop.start(self.INTERVAL, now=False)
+        done.addErrback(lambda f: log.critical("playout clock stopped", exc_info=f))
+
+    def stopService(self) -> None:  # type: ignore[override]
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
