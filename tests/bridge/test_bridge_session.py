@@ -454,7 +454,7 @@ def test_vapi_link_loss_with_hangup_policy_ends_the_call() -> None:
 
 def test_vapi_link_loss_with_recreate_policy_creates_a_new_call() -> None:
     h = Harness()
-    session, sock = h.call()
+    session, _sock = h.call()
     h.links[0].state = Closed(LinkClosedReason.STOPPED)
     session.on_link_failed(LinkFailure("refused", 3, "recreate"))
     assert not session.ended
@@ -525,7 +525,7 @@ def test_vapi_creation_failure_ends_the_call() -> None:
 
 def test_normal_end_uses_rest_hangup_when_available() -> None:
     h = Harness(twilio={"account_sid": "AC" + "0" * 32})
-    session, sock = h.call()
+    session, _sock = h.call()
     session.on_link_event(StatusUpdate(status="ended", ended_reason="assistant-ended-call"))
     assert h.rest is not None and h.rest.hung_up == ["CA1"]
     h.assert_clean()
