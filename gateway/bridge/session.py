@@ -161,7 +161,7 @@ class SessionHooks(Protocol):
     def create_vapi_call(self, session: CallSession, first_message: str | None
                          ) -> Deferred[CreatedCall]: ...
 
-    def open_link(self, session: CallSession, created: CreatedCall) -> VapiLink: ...
+    def open_link(self, owner: CurrentLinkOwner, created: CreatedCall) -> VapiLink: ...
 
     def end_orphan(self, created: CreatedCall) -> None: ...
 
@@ -248,7 +248,8 @@ class CallSession:
         self.log = self.log.bind(vapi_call_id=created.call_id)
         self.log.info("vapi call created",
                       setup_ms=round((self._now_ns() - self.created_ns) / NS_PER_MS, 1))
-        self.link = self._hooks.open_link(self, created)
+        owner = CurrentLinkOwner(self)
+        self.link = owner.link = self._hooks.open_link(owner, created)
         self.link.start()
 
     def _vapi_call_failed(self, failure: Failure) -> None:
@@ -321,7 +322,9 @@ class CallSession:
             self.counters.recreates += 1
             self.log.warning("vapi link lost; creating a new vapi call", reason=failure.reason,
                              attempts=failure.attempts, lost_vapi_call_id=lost_call)
-            self.link = None
+            failed, self.link = self.link, None
+            if failed is not None:
+                failed.stop()  # the failed link only settles its own state
             self._create_vapi_call(first_message=self.policy.recreate_first_message)
             return
         self.log.error("vapi link lost; hanging up", reason=failure.reason,
@@ -573,3 +576,46 @@ class CallSession:
             "barge_ins": self.counters.barge_ins,
             "reconnects": self.counters.reconnects,
         }
+
+
+class CurrentLinkOwner:
+    """Hands a link's events to its session only while it is the session's current link.
+
+    After a link fails and a new Vapi call replaces it, whatever the old link still
+    reports (its close, late audio) is ignored.
+    """
+
+    def __init__(self, session: CallSession) -> None:
+        self.session = session
+        self.link: VapiLink | None = None
+
+    @property
+    def call_sid(self) -> str:
+        return self.session.call_sid
+
+    def _current(self) -> bool:
+        return self.link is not None and self.session.link is self.link
+
+    def on_link_open(self) -> None:
+        if self._current():
+            self.session.on_link_open()
+
+    def on_link_audio(self, audio: bytes) -> None:
+        if self._current():
+            self.session.on_link_audio(audio)
+
+    def on_link_event(self, event: CallEvent) -> None:
+        if self._current():
+            self.session.on_link_event(event)
+
+    def on_link_transition(self, old: LinkState, new: LinkState) -> None:
+        if self._current():
+            self.session.on_link_transition(old, new)
+
+    def on_link_failed(self, failure: LinkFailure) -> None:
+        if self._current():
+            self.session.on_link_failed(failure)
+
+    def on_link_closed(self, reason: LinkClosedReason) -> None:
+        if self._current():
+            self.session.on_link_closed(reason)

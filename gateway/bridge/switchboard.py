@@ -27,7 +27,14 @@ from twisted.python.failure import Failure
 
 from gateway.admission import Admission
 from gateway.bridge.registry import CallRegistry
-from gateway.bridge.session import CallInfo, CallSession, MediaSocket, SessionPolicy, VapiLink
+from gateway.bridge.session import (
+    CallInfo,
+    CallSession,
+    CurrentLinkOwner,
+    MediaSocket,
+    SessionPolicy,
+    VapiLink,
+)
 from gateway.config import Settings
 from gateway.logs import get_logger
 from gateway.twilio.stream import Started
@@ -53,7 +60,7 @@ class TwilioHangup(Protocol):
     def hang_up(self, call_sid: str) -> Deferred[Any]: ...
 
 
-LinkFactory = Callable[[CallSession, CreatedCall], VapiLink]
+LinkFactory = Callable[[Any, CreatedCall], VapiLink]
 
 
 class Switchboard:
@@ -181,14 +188,14 @@ class Switchboard:
 
         return creating.addCallback(remember)
 
-    def open_link(self, session: CallSession, created: CreatedCall) -> VapiLink:
-        return self._link_factory(session, created)
+    def open_link(self, owner: CurrentLinkOwner, created: CreatedCall) -> VapiLink:
+        return self._link_factory(owner, created)
 
     def end_orphan(self, created: CreatedCall) -> None:
         """A Vapi call whose phone call is gone: open its socket only to end it."""
         self.orphans_ended += 1
         self._by_vapi_call.pop(created.call_id, None)
-        link = self._link_factory(_OrphanOwner(created.call_id), created)  # type: ignore[arg-type]
+        link = self._link_factory(_OrphanOwner(created.call_id), created)
         link.start()
         # end-call goes out once the socket is open; if it never opens, stop closes it
         link.when_open().addBoth(lambda _: link.stop())
