@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import ipaddress
 import json
 import math
 import os
@@ -140,9 +141,14 @@ def check_loopback_if_plain(value: str) -> str | None:
 
 
 def is_loopback_host(host: str) -> bool:
-    """True for localhost, 127.0.0.0/8 and ::1."""
+    """``localhost``, 127.0.0.0/8 or ::1: the only hosts plain ws:// or http:// may reach."""
     host = host.strip("[]").lower().rstrip(".")
-    return host in {"localhost", "::1"} or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_path(value: str) -> str | None:

@@ -15,7 +15,6 @@ capability: call :meth:`SocketUrl.reveal` only where it goes onto the wire.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
@@ -30,6 +29,7 @@ from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverRecei
 from twisted.web.client import ResponseFailed
 
 import gateway
+from gateway.config import is_loopback_host
 from gateway.logs import get_logger
 from gateway.vapi.assistants import AssistantById, AssistantChoice, JsonObject, merge_overrides
 from gateway.vapi.reactor_time import NS_PER_SECOND, reactor_time
@@ -53,16 +53,6 @@ __all__ = [
 USER_AGENT: Final = f"vapi-gateway/{gateway.__version__}"
 
 log = get_logger(__name__)
-
-
-def is_loopback_host(host: str) -> bool:
-    """``localhost``, 127.0.0.0/8 or ::1: the only hosts plain ws:// or http:// may reach."""
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class SocketUrl:
