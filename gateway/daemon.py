@@ -12,31 +12,47 @@ listening port and lets the reactor stop.
 from __future__ import annotations
 
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from klein import Klein
+from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
 from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from gateway import __version__
 from gateway.admission import Admission
 from gateway.bridge.registry import CallRegistry, InMemoryCallRegistry
+from gateway.bridge.switchboard import PlayoutClock, Switchboard
 from gateway.config import Settings
 from gateway.health import HealthRoutes
 from gateway.logs import get_logger
 from gateway.systemd import Notifier, WatchdogService, watchdog_interval
+from gateway.twilio.media import media_stream_factory
+from gateway.twilio.rest import TwilioCredentials, TwilioRestClient
+from gateway.twilio.routes import (
+    TwilioRoutes,
+    signature_validator_from,
+    stream_tokens_from,
+    twiml_answers_from,
+)
+from gateway.vapi.calls import AudioFormat, CallCreator, CreatedCall, VapiApiSettings
+from gateway.vapi.link import LinkSettings
+from gateway.vapi.link_driver import LinkDriver, tls_connector
+from gateway.vapi.routes import VapiRoutes
 
 log = get_logger("gateway.daemon")
 
 #: After the drain timeout, how long ending the remaining calls may take.
 END_GRACE_SECONDS = 5.0
+NS_PER_SECOND = 1_000_000_000
 
 
 class ListenFailed(SystemExit):
@@ -196,25 +212,106 @@ class Gateway:
     site: Site
     registry: CallRegistry
     admission: Admission
+    switchboard: Switchboard
 
 
 def build_gateway(settings: Settings, reactor: IReactorCore,
                   environ: Mapping[str, str] | None = None,
-                  handle_sigterm: bool = False) -> Gateway:
-    """Join settings, reactor, registry, routes and services into a :class:`Gateway`."""
+                  handle_sigterm: bool = False, http_client: Any = None,
+                  link_connector: Any = None) -> Gateway:
+    """Join settings, reactor, registry, both legs, routes and services into a Gateway.
+
+    ``http_client`` (treq-like, for Vapi's and Twilio's REST APIs) and
+    ``link_connector`` (opens Vapi call sockets) default to the real network ones.
+    """
     clock: IReactorTime = reactor  # type: ignore[assignment]
     registry = InMemoryCallRegistry()
     admission = Admission(registry, settings.gateway.max_concurrent_calls)
+    http = http_client if http_client is not None else _http_client(reactor)
+    connector = link_connector if link_connector is not None else tls_connector(reactor)
+    switchboard = Switchboard(settings, registry, admission, clock, _vapi_calls(settings, http,
+                              clock), _link_factory(settings, clock, connector),
+                              _twilio_rest(settings, http, clock))
+
     app = Klein()
     HealthRoutes(admission, clock).register(
         app, settings.gateway.health_path, settings.gateway.ready_path)
+    twilio = settings.twilio
+    validator = signature_validator_from(settings)
+    tokens = stream_tokens_from(settings)
+    TwilioRoutes(settings, validator=validator, tokens=tokens, twiml=twiml_answers_from(settings),
+                 admission=admission, calls=switchboard, clock=clock).register(app)
+    media_stream_factory(settings, validator=validator, tokens=tokens, calls=switchboard,
+                         clock=clock).register(app)
+    VapiRoutes(settings, calls=switchboard, clock=clock).register(app)
+    if not twilio.validate_signatures:
+        log.warning("Twilio signature validation is OFF ([twilio] validate_signatures = "
+                    "false): anyone can post to the webhooks; never run this in production")
+
     site = Site(app.resource())
     site.displayTracebacks = False
     listener = PublicListener(reactor, settings.gateway.listen, site)
     notifier = Notifier(environ)
     root = GatewayService(settings, reactor, admission, listener, notifier, handle_sigterm)
+    PlayoutClock(switchboard, clock).setServiceParent(root)
     listener.setServiceParent(root)
     interval = watchdog_interval(environ)
     if interval is not None and notifier.enabled:
         WatchdogService(notifier, interval, clock, root.status_line).setServiceParent(root)
-    return Gateway(root, app, site, registry, admission)
+    return Gateway(root, app, site, registry, admission, switchboard)
+
+
+def _http_client(reactor: Any) -> Any:
+    """treq over a persistent connection pool (Vapi and Twilio REST)."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
+def _vapi_calls(settings: Settings, http: Any, clock: IReactorTime) -> CallCreator:
+    vapi = settings.vapi
+    assert vapi.api_key is not None
+    return CallCreator(VapiApiSettings(
+        api_key=vapi.api_key.reveal(), api_url=vapi.api_url,
+        request_timeout_ns=int(vapi.request_timeout * NS_PER_SECOND),
+        retries=vapi.request_retries), http, clock)
+
+
+def _link_factory(settings: Settings, clock: IReactorTime, connector: Any
+                  ) -> Callable[[Any, CreatedCall], LinkDriver]:
+    vapi = settings.vapi
+    assert vapi.api_key is not None
+    api_key = vapi.api_key.reveal()
+    audio = AudioFormat(vapi.audio_format, vapi.sample_rate)  # type: ignore[arg-type]
+    link_settings = LinkSettings(
+        heartbeat_interval_ns=int(vapi.heartbeat_interval * NS_PER_SECOND),
+        pong_timeout_ns=int(vapi.pong_timeout * NS_PER_SECOND),
+        reconnect_attempts=vapi.reconnect_attempts,
+        reconnect_initial_delay_ns=int(vapi.reconnect_delay * NS_PER_SECOND),
+        on_vapi_loss=vapi.on_vapi_loss)  # type: ignore[arg-type]
+
+    def open_link(owner: Any, created: CreatedCall) -> LinkDriver:
+        context = {"vapi_call_id": created.call_id}
+        call_sid = getattr(owner, "call_sid", None)
+        if call_sid:
+            context["call_sid"] = call_sid
+        return LinkDriver(url=created.socket_url, api_key=api_key, audio=audio, owner=owner,
+                          clock=clock, connector=connector, settings=link_settings,
+                          max_message_bytes=vapi.max_message_size, log_context=context)
+
+    return open_link
+
+
+def _twilio_rest(settings: Settings, http: Any, clock: IReactorTime
+                 ) -> TwilioRestClient | None:
+    twilio = settings.twilio
+    if not twilio.account_sid or twilio.auth_token is None:
+        return None
+    if twilio.api_key_sid and twilio.api_key_secret is not None:
+        credentials = TwilioCredentials.from_api_key(
+            twilio.account_sid, twilio.api_key_sid, twilio.api_key_secret.reveal())
+    else:
+        credentials = TwilioCredentials.from_auth_token(
+            twilio.account_sid, twilio.auth_token.reveal())
+    return TwilioRestClient(http, clock, credentials, api_base_url=twilio.rest_api_url,
+                            timeout=twilio.rest_timeout, max_attempts=twilio.rest_retries + 1)

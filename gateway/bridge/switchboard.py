@@ -38,6 +38,7 @@ from gateway.bridge.session import (
 from gateway.config import Settings
 from gateway.logs import get_logger
 from gateway.twilio.stream import Started
+from gateway.twilio.twiml import CALLED_PARAMETER, CALLER_PARAMETER
 from gateway.vapi.assistants import choose_assistant, twilio_call_overrides
 from gateway.vapi.calls import AudioFormat, CreatedCall
 
@@ -99,6 +100,10 @@ class Switchboard:
     def get(self, call_sid: str) -> CallSession | None:
         return self._sessions.get(call_sid)
 
+    def holds(self, call_sid: str) -> bool:
+        session = self._sessions.get(call_sid)
+        return session is not None and not session.ended
+
     def by_vapi_call(self, vapi_call_id: str) -> CallSession | None:
         return self._by_vapi_call.get(vapi_call_id)
 
@@ -136,8 +141,8 @@ class Switchboard:
                 return None
             params = started.custom_parameters
             session = self.open_call(CallInfo(
-                started.call_sid, params.get("from", ""), params.get("to", ""),
-                started.account_sid))
+                started.call_sid, params.get(CALLER_PARAMETER, ""),
+                params.get(CALLED_PARAMETER, ""), started.account_sid))
         session.attach_stream(stream, started)
         return session
 

@@ -1,16 +1,17 @@
-"""Per-stream state of a Twilio Media Stream: ordering, counters, gaps, marks.
+"""Per-stream state of a Twilio Media Stream: ordering, counters, gaps, outbound frames.
 
 Sans-io: :class:`MediaStreamState` consumes frames (or decoded messages) and
 returns at most one :data:`StreamEvent` per frame for the call session; it never
-touches a socket or a clock. The Autobahn protocol of phase 2 is meant to be a thin
-loop around it::
+touches a socket or a clock. The Autobahn protocol (:mod:`gateway.twilio.media`)
+is a thin loop around it::
 
     def onMessage(self, payload, isBinary):
         event = self.stream.receive_frame(payload, isBinary)
-        if isinstance(event, CloseStream):
+        if type(event) is Audio:
+            self.session.on_stream_audio(event)
+        elif isinstance(event, CloseStream):
             self.sendClose(event.code, event.reason)
-        elif event is not None:
-            self.session.on_stream_event(event)
+        ...
 
 Order enforced: ``connected`` -> ``start`` -> ``media``/``dtmf``/``mark`` ->
 ``stop``. A ``start`` without a preceding ``connected`` is tolerated (the stream
@@ -34,10 +35,10 @@ missing, :class:`Audio` says how much (``gap_ms``) and how many whole 20 ms
 frames of mu-law silence (0xFF) to insert before its payload (``gap_frames``).
 The first media frame sets the baseline and never reports a gap.
 
-Marks: :meth:`MediaStreamState.mark_frame` remembers the names it sends;
-:meth:`MediaStreamState.clear_frame` remembers which were outstanding, because
-Twilio echoes them on ``clear`` exactly as if they had played. The echo of such a
-mark comes back as ``MarkEcho(name, played=False)``.
+Marks: an echoed mark comes back as ``MarkEcho(name)`` and nothing more. Twilio
+echoes every pending mark on ``clear`` exactly as if it had played; telling those
+echoes apart is the playout buffer's job (:mod:`gateway.audio.playout` names its
+marks by generation), so this module keeps no mark bookkeeping of its own.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class CloseCode(enum.IntEnum):
     UNSUPPORTED_DATA = 4003
     POLICY_VIOLATION = 4008
     MESSAGE_TOO_BIG = 4009
+    INTERNAL_ERROR = 4011
 
 
 _CLOSE_CODE_BY_KIND: Final = {
@@ -148,10 +150,10 @@ class Dtmf(msgspec.Struct, frozen=True, gc=False):
 
 
 class MarkEcho(msgspec.Struct, frozen=True, gc=False):
-    """Twilio echoed a mark: ``played`` is False when it was flushed by ``clear``."""
+    """Twilio echoed a mark: it played, or a ``clear`` flushed it (the playout
+    buffer tells which, from the mark's name)."""
 
     name: str
-    played: bool
 
 
 class Stopped(msgspec.Struct, frozen=True, gc=False):
@@ -197,7 +199,6 @@ class StreamStats:
         "sequence_missing",
         "sequence_regressions",
         "timestamp_resyncs",
-        "unexpected_marks",
         "unknown_events",
         "violations",
     )
@@ -214,7 +215,6 @@ class StreamStats:
         self.gap_ms = 0
         self.gap_frames = 0
         self.timestamp_resyncs = 0
-        self.unexpected_marks = 0
         self.ignored_after_close = 0
 
     def as_dict(self) -> dict[str, object]:
@@ -231,7 +231,6 @@ class StreamStats:
             "gap_ms": self.gap_ms,
             "gap_frames": self.gap_frames,
             "timestamp_resyncs": self.timestamp_resyncs,
-            "unexpected_marks": self.unexpected_marks,
             "ignored_after_close": self.ignored_after_close,
         }
 
@@ -276,8 +275,6 @@ class MediaStreamState:
         self._last_sequence = 0
         self._next_sample: int | None = None
         self._violation_total = 0
-        self._pending_marks: Counter[str] = Counter()
-        self._cleared_marks: Counter[str] = Counter()
         self.stats: Final = StreamStats()
 
     # -- inspection ---------------------------------------------------------
@@ -306,11 +303,6 @@ class MediaStreamState:
     def closing(self) -> bool:
         """True once a :class:`CloseStream` was returned."""
         return self._phase is _Phase.CLOSING
-
-    @property
-    def pending_marks(self) -> int:
-        """Marks sent and not yet echoed (excluding those flushed by ``clear``)."""
-        return self._pending_marks.total()
 
     # -- inbound ------------------------------------------------------------
 
@@ -352,7 +344,7 @@ class MediaStreamState:
             if refusal is not None:
                 return refusal
             self._track_sequence(message.sequence_number)
-            return self._mark_echo(message.mark.name)
+            return MarkEcho(name=message.mark.name)
         if isinstance(message, StopMessage):
             refusal = self._check_stream_message(message.stream_sid, "stop")
             if refusal is not None:
@@ -378,16 +370,11 @@ class MediaStreamState:
 
     def mark_frame(self, name: str) -> bytes:
         """A ``mark`` frame; its echo becomes :class:`MarkEcho`."""
-        frame = self._require_encoder().mark(name)
-        self._pending_marks[name] += 1
-        return frame
+        return self._require_encoder().mark(name)
 
     def clear_frame(self) -> bytes:
-        """A ``clear`` frame; the marks outstanding now will echo with ``played=False``."""
-        frame = self._require_encoder().clear()
-        self._cleared_marks.update(self._pending_marks)
-        self._pending_marks.clear()
-        return frame
+        """A ``clear`` frame: Twilio drops its buffered audio and echoes every pending mark."""
+        return self._require_encoder().clear()
 
     # -- internals ----------------------------------------------------------
 
@@ -479,20 +466,6 @@ class MediaStreamState:
             self._next_sample = next_sample + frames * FRAME_BYTES + len(payload)
         stats.gap_frames += frames
         return Audio(payload, timestamp, gap_ms, frames)
-
-    def _mark_echo(self, name: str) -> MarkEcho:
-        if self._cleared_marks[name] > 0:
-            self._cleared_marks[name] -= 1
-            if not self._cleared_marks[name]:
-                del self._cleared_marks[name]
-            return MarkEcho(name=name, played=False)
-        if self._pending_marks[name] > 0:
-            self._pending_marks[name] -= 1
-            if not self._pending_marks[name]:
-                del self._pending_marks[name]
-        else:
-            self.stats.unexpected_marks += 1
-        return MarkEcho(name=name, played=True)
 
     def _count_unknown(self, event: str) -> None:
         unknown = self.stats.unknown_events

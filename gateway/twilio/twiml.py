@@ -11,6 +11,11 @@ Two answers:
   gateway failed or closed the stream on purpose).
 - :meth:`TwimlAnswers.busy`: ``<Say>message</Say><Hangup/>``.
 
+URLs must use TLS (``wss://`` for the stream, ``https://`` for the callback);
+``ws://`` and ``http://`` are accepted only for loopback hosts (``localhost``,
+``127.0.0.0/8``, ``::1``), for local tests and the call simulator, as the
+configured ``public_url`` itself allows.
+
 The static parts (URLs, messages, voice, language) are validated once, when
 :class:`TwimlAnswers` is built from the configuration, so a bad value stops the
 daemon at start-up instead of failing calls. Per-call values are validated on
@@ -26,6 +31,8 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from twilio.twiml.voice_response import VoiceResponse
+
+from gateway.config import is_loopback_host
 
 __all__ = [
     "CALLED_PARAMETER",
@@ -51,12 +58,15 @@ _INVALID_XML_CHARS: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff
 
 
 def validate_stream_url(url: str) -> str:
-    """Check a ``<Stream url>``: ``wss://host/path``, no query, fragment or userinfo."""
+    """Check a ``<Stream url>``: ``wss://host/path`` (``ws://`` only for a loopback
+    host), no query, fragment or userinfo."""
     parts = urlsplit(url)
-    if parts.scheme != "wss":
+    if parts.scheme not in ("wss", "ws"):
         raise ValueError(f"stream URL must use wss://, not {parts.scheme or 'no scheme'}")
     if not parts.hostname:
         raise ValueError("stream URL has no host")
+    if parts.scheme == "ws" and not is_loopback_host(parts.hostname):
+        raise ValueError("stream URL must use wss:// (ws:// only for loopback hosts)")
     if parts.query or "?" in url:
         raise ValueError("stream URL must not carry a query string (use <Parameter>)")
     if parts.fragment or "#" in url:
@@ -68,10 +78,13 @@ def validate_stream_url(url: str) -> str:
 
 
 def validate_callback_url(url: str) -> str:
-    """Check a status callback URL: absolute ``https://`` (or ``http://``) with a host."""
+    """Check a status callback URL: absolute ``https://`` with a host (``http://`` only
+    for a loopback host)."""
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ValueError("callback URL must be an absolute http(s) URL")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError("callback URL must use https:// (http:// only for loopback hosts)")
     if parts.fragment:
         raise ValueError("callback URL must not carry a fragment")
     _check_text("callback URL", url)
@@ -98,7 +111,8 @@ class TwimlAnswers:
         language: str | None = None,
     ) -> None:
         """
-        :param stream_url: public ``wss://`` URL of the Media Streams route.
+        :param stream_url: public ``wss://`` URL of the Media Streams route
+            (``ws://`` for a loopback host).
         :param stream_status_callback_url: where Twilio posts ``stream-started`` /
             ``stream-stopped`` / ``stream-error``; None omits the attribute.
         :param fallback_message: spoken when the stream ends with the call still up;

@@ -124,6 +124,8 @@ def test_busy_answer() -> None:
     "url",
     [
         "ws://gw.example.com/twilio/media",
+        "ws://10.0.0.1:8080/twilio/media",
+        "ws://localhost.example.com/twilio/media",
         "https://gw.example.com/twilio/media",
         "wss://gw.example.com/twilio/media?token=1",
         "wss://gw.example.com/twilio/media?",
@@ -151,6 +153,25 @@ def test_good_urls() -> None:
         validate_callback_url("ftp://gw.example.com/cb")
     with pytest.raises(ValueError):
         answers(stream_status_callback_url="/relative")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ws://127.0.0.1:8080/twilio/media", "ws://localhost/twilio/media", "ws://[::1]:9/m"],
+)
+def test_plain_ws_only_for_loopback_hosts(url: str) -> None:
+    assert validate_stream_url(url) == url
+    assert answers(stream_url=url).stream_url == url
+
+
+def test_plain_http_callback_only_for_loopback_hosts() -> None:
+    assert validate_callback_url("http://127.0.0.1:8080/cb") == "http://127.0.0.1:8080/cb"
+    assert validate_callback_url("http://localhost/cb") == "http://localhost/cb"
+    for url in ("http://gw.example.com/cb", "http://192.168.1.2/cb"):
+        with pytest.raises(ValueError, match="https"):
+            validate_callback_url(url)
+        with pytest.raises(ValueError):
+            answers(stream_status_callback_url=url)
 
 
 def test_parameter_length_limit() -> None:
