@@ -309,10 +309,9 @@ class CallSession:
             self.log.info("vapi tool calls", count=len(event.tool_call_list or ()))
 
     def on_link_transition(self, old: LinkState, new: LinkState) -> None:
-        name = type(new).__name__.lower()
-        if name == "reconnecting":
+        # the link driver logs every transition; the session only counts reconnects
+        if type(new).__name__ == "Reconnecting":
             self.counters.reconnects += 1
-        self.log.info("vapi link", state=name, previous=type(old).__name__.lower())
 
     def on_link_failed(self, failure: LinkFailure) -> None:
         if self.ended:

@@ -289,7 +289,7 @@ class CallCreator:
                 )
                 await deferLater(self._clock, delay_ns / NS_PER_SECOND)
             else:
-                log.info("vapi call created", vapi_call_id=created.call_id, attempts=attempt)
+                log.debug("vapi call created", vapi_call_id=created.call_id, attempts=attempt)
                 return created
         raise AssertionError("unreachable")  # pragma: no cover
 
