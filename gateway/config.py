@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.tools.local_assistant.settings import LocalAssistantSettings, settings_from_strings
 from gateway.vapi.assistants import (
     AssistantById,
     AssistantChoice,
@@ -271,7 +272,9 @@ class TwilioSettings:
 
 
 def check_api_url(value: str) -> str | None:
-    """Vapi's API base URL: https (or http on loopback, for development)."""
+    """Vapi's API base URL: https (or http on loopback), or ``local`` (the local assistant)."""
+    if value == "local":
+        return None
     return check_http_base_url(value) or check_loopback_if_plain(value)
 
 
@@ -279,10 +282,13 @@ def check_api_url(value: str) -> str | None:
 class VapiSettings:
     """[vapi]: the Vapi leg — call creation, the call socket, reconnects, webhooks."""
 
-    api_url: str = option("https://api.vapi.ai", "Vapi's API base URL", check=check_api_url)
+    api_url: str = option(
+        "https://api.vapi.ai", "Vapi's API base URL, or local: the local assistant runs "
+        "inside the daemon on loopback ([local_assistant]), no credentials needed",
+        check=check_api_url)
     api_key: Secret | None = option(
-        None, "Vapi private API key (Bearer) for creating calls and opening call sockets",
-        secret=True, required=True)
+        None, "Vapi private API key (Bearer) for creating calls and opening call sockets "
+        "(required unless api_url = local)", secret=True)
     audio_format: str = option(
         "mulaw", "audio on the call socket: mulaw (8000 Hz, exactly Twilio's: passes "
         "through untouched) or pcm_s16le (transcoded by the gateway)",
@@ -331,6 +337,9 @@ class VapiSettings:
         maximum=3600)
 
     def __post_init__(self) -> None:
+        if self.api_url != "local" and not self.api_key:
+            raise ValueError("api_key: missing required secret (Vapi private API key); "
+                             "give it inline or as env:NAME, file:/path or cred:NAME")
         if self.audio_format == "mulaw" and self.sample_rate != 8000:
             raise ValueError("audio_format = mulaw needs sample_rate = 8000")
         if self.webhook_auth != "none" and not self.webhook_secret:
@@ -398,16 +407,49 @@ class BridgeSettings:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    """[admin]: the admin listener — Prometheus metrics and the admin API."""
+
+    listen: str = option(
+        "tcp:9464:interface=127.0.0.1", "twistd endpoint of the admin listener (keep it on "
+        "loopback or a private network); empty: no admin listener",
+        check=lambda v: None if v == "" else check_server_endpoint(v))
+    token: Secret | None = option(
+        None, "Bearer token of the admin API (/calls); without it every admin request is "
+        "refused (401); /metrics needs no token", secret=True)
+    metrics_path: str = option("/metrics", "Prometheus text format", check=check_path)
+    reactor_lag_interval: float = option(
+        0.1, "seconds between reactor-lag probes (a LoopingCall measuring how late it fires)",
+        minimum=0.01, maximum=10)
+
+
+@dataclass(frozen=True)
+class RecordingSettings:
+    """[recording]: optional stereo WAV recordings of calls."""
+
+    enabled: bool = option(False, "record each call (caller left, assistant right)")
+    directory: str = option("/var/lib/vapi-gateway/recordings",
+                            "where recordings go, one {CallSid}.wav per call")
+    flush_interval: float = option(
+        1.0, "seconds between disk writes (a crash loses at most this much)",
+        minimum=0.1, maximum=60)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the ini file configures; each attribute is one section."""
 
     gateway: GatewaySettings = GatewaySettings()
     log: LogSettings = LogSettings()
     twilio: TwilioSettings = TwilioSettings()
-    vapi: VapiSettings = VapiSettings(webhook_auth="none")
+    vapi: VapiSettings = VapiSettings(api_url="local", webhook_auth="none")
     assistant: AssistantSettings = AssistantSettings(id="default")
     bridge: BridgeSettings = BridgeSettings()
+    admin: AdminSettings = AdminSettings()
+    recording: RecordingSettings = RecordingSettings()
     routing: RoutingTable = RoutingTable()
+    local_assistant: LocalAssistantSettings = LocalAssistantSettings()
+    local_assistant_listen: str = "tcp:0:interface=127.0.0.1"
     source: str = "<defaults>"
 
     def secrets(self) -> list[str]:
@@ -619,7 +661,7 @@ def parse_settings(
     sections = _sections(Settings)
     problems: list[str] = []
     for name in parser.sections():
-        if name not in sections and name != "routing":
+        if name not in sections and name not in ("routing", "local_assistant"):
             problems.append(
                 f"{filename}: [{name}]: unknown section (allowed: {', '.join(sorted(sections))})"
             )
@@ -629,9 +671,27 @@ def parse_settings(
         built[section.attr] = _build_section(filename, name, section.cls, raw, env, problems)
     base_dir = Path(filename).resolve().parent if filename != "<string>" else Path.cwd()
     routing = _build_routing(filename, parser, built.get("assistant"), base_dir, problems)
+    local, local_listen = _build_local_assistant(filename, parser, problems)
     if problems:
         raise ConfigError(problems)
-    return Settings(**built, routing=routing, source=filename)
+    return Settings(**built, routing=routing, local_assistant=local,
+                    local_assistant_listen=local_listen, source=filename)
+
+
+def _build_local_assistant(filename: str, parser: configparser.ConfigParser,
+                           problems: list[str]) -> tuple[LocalAssistantSettings, str]:
+    """[local_assistant]: the embedded Vapi stand-in's settings (used with api_url = local)."""
+    values = dict(parser.items("local_assistant")) if parser.has_section("local_assistant") \
+        else {}
+    listen = values.pop("listen", "tcp:0:interface=127.0.0.1")
+    problem = check_server_endpoint(listen)
+    if problem is not None:
+        problems.append(f"{filename}: [local_assistant] listen: {problem}")
+    try:
+        return settings_from_strings(values), listen
+    except ValueError as exc:
+        problems.append(f"{filename}: [local_assistant] {exc}")
+        return LocalAssistantSettings(), listen
 
 
 def load_assistant_file(path: Path) -> dict[str, Any]:

@@ -11,12 +11,14 @@ listening port and lets the reactor stop.
 
 from __future__ import annotations
 
+import secrets
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST
 from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -28,13 +30,17 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from gateway import __version__
+from gateway.admin import AdminApi
 from gateway.admission import Admission
+from gateway.bridge.outbound import OutboundCalls
 from gateway.bridge.registry import CallRegistry, InMemoryCallRegistry
 from gateway.bridge.switchboard import PlayoutClock, Switchboard
 from gateway.config import Settings
 from gateway.health import HealthRoutes
 from gateway.logs import get_logger
+from gateway.metrics import GatewayMetrics, MeteredResource, ReactorLagProbe
 from gateway.systemd import Notifier, WatchdogService, watchdog_interval
+from gateway.tools.local_assistant.server import LocalAssistant
 from gateway.twilio.media import media_stream_factory
 from gateway.twilio.rest import TwilioCredentials, TwilioRestClient
 from gateway.twilio.routes import (
@@ -59,11 +65,14 @@ class ListenFailed(SystemExit):
     """The public port could not be bound: twistd exits non-zero with this line."""
 
 
-class PublicListener(Service):
-    """Binds the one public endpoint in ``privilegedStartService``; closes it last."""
+class Listener(Service):
+    """Binds an endpoint in ``privilegedStartService`` (exit non-zero if it cannot); closes it
+    when stopped."""
 
-    def __init__(self, reactor: Any, description: str, site: Site) -> None:
+    def __init__(self, reactor: Any, description: str, site: Site,
+                 name: str = "public") -> None:
         self._reactor = reactor
+        self.name = name
         self._description = description
         self._site = site
         self.port: IListeningPort | None = None
@@ -96,7 +105,7 @@ class PublicListener(Service):
     def _on_bound(self, port: IListeningPort) -> None:
         self.port = port
         host = port.getHost()
-        log.info("listening", endpoint=self._description,
+        log.info("listening", listener=self.name, endpoint=self._description,
                  address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}")
         self.bound.callback(port)
 
@@ -124,7 +133,7 @@ class GatewayService(MultiService):
     """The root service: ordered start (bind → READY=1) and ordered stop (drain → close)."""
 
     def __init__(self, settings: Settings, reactor: IReactorCore, admission: Admission,
-                 listener: PublicListener, notifier: Notifier,
+                 listener: Listener, notifier: Notifier,
                  handle_sigterm: bool = False) -> None:
         super().__init__()
         self.handle_sigterm = handle_sigterm
@@ -213,6 +222,8 @@ class Gateway:
     registry: CallRegistry
     admission: Admission
     switchboard: Switchboard
+    metrics: GatewayMetrics
+    admin_app: Klein
 
 
 def build_gateway(settings: Settings, reactor: IReactorCore,
@@ -227,38 +238,78 @@ def build_gateway(settings: Settings, reactor: IReactorCore,
     clock: IReactorTime = reactor  # type: ignore[assignment]
     registry = InMemoryCallRegistry()
     admission = Admission(registry, settings.gateway.max_concurrent_calls)
+    metrics = GatewayMetrics()
     http = http_client if http_client is not None else _http_client(reactor)
     connector = link_connector if link_connector is not None else tls_connector(reactor)
-    switchboard = Switchboard(settings, registry, admission, clock, _vapi_calls(settings, http,
-                              clock), _link_factory(settings, clock, connector),
-                              _twilio_rest(settings, http, clock))
+    vapi = settings.vapi
+    local: LocalAssistant | None = None
+    api_url = vapi.api_url
+    api_key = vapi.api_key.reveal() if vapi.api_key else secrets.token_urlsafe(24)
+    if api_url == "local":
+        local, api_url = _start_local_assistant(settings, reactor, api_key)
+    twilio_rest = _twilio_rest(settings, http, clock)
+    switchboard = Switchboard(settings, registry, admission, clock,
+                              _vapi_calls(settings, api_url, api_key, http, clock),
+                              _link_factory(settings, api_key, clock, connector),
+                              twilio_rest, metrics)
+    metrics.watch(switchboard, lambda: {r.value: n for r, n in admission.refused.items()})
 
     app = Klein()
     HealthRoutes(admission, clock).register(
         app, settings.gateway.health_path, settings.gateway.ready_path)
     twilio = settings.twilio
     validator = signature_validator_from(settings)
-    tokens = stream_tokens_from(settings)
-    TwilioRoutes(settings, validator=validator, tokens=tokens, twiml=twiml_answers_from(settings),
+    tokens = stream_tokens_from(settings)  # one instance: one replay cache
+    twiml = twiml_answers_from(settings)
+    outbound = OutboundCalls(switchboard, ttl_seconds=tokens.ttl_seconds)
+    TwilioRoutes(settings, validator=validator, tokens=tokens, twiml=twiml,
                  admission=admission, calls=switchboard, clock=clock).register(app)
     media_stream_factory(settings, validator=validator, tokens=tokens, calls=switchboard,
-                         clock=clock).register(app)
+                         clock=clock, outbound=outbound).register(app)
     VapiRoutes(settings, calls=switchboard, clock=clock).register(app)
     if not twilio.validate_signatures:
         log.warning("Twilio signature validation is OFF ([twilio] validate_signatures = "
                     "false): anyone can post to the webhooks; never run this in production")
 
-    site = Site(app.resource())
+    site = Site(MeteredResource(app.resource(), metrics, route_labels(settings)))
     site.displayTracebacks = False
-    listener = PublicListener(reactor, settings.gateway.listen, site)
+    listener = Listener(reactor, settings.gateway.listen, site)
     notifier = Notifier(environ)
     root = GatewayService(settings, reactor, admission, listener, notifier, handle_sigterm)
     PlayoutClock(switchboard, clock).setServiceParent(root)
+    ReactorLagProbe(metrics, clock, settings.admin.reactor_lag_interval).setServiceParent(root)
     listener.setServiceParent(root)
+    if local is not None:  # stops after the drain, like the other children
+        local.setServiceParent(root)
+    admin_app = Klein()
+    admin_app.route(settings.admin.metrics_path, methods=["GET"])(
+        lambda request: _metrics_body(request, metrics))
+    if settings.admin.listen:
+        admin_token = settings.admin.token
+        AdminApi(settings, token=admin_token.reveal() if admin_token else None,
+                 switchboard=switchboard, twilio_rest=twilio_rest, tokens=tokens, twiml=twiml,
+                 clock=clock, outbound=outbound).register(admin_app)
+        admin_site = Site(admin_app.resource())
+        admin_site.displayTracebacks = False
+        Listener(reactor, settings.admin.listen, admin_site, "admin").setServiceParent(root)
     interval = watchdog_interval(environ)
     if interval is not None and notifier.enabled:
         WatchdogService(notifier, interval, clock, root.status_line).setServiceParent(root)
-    return Gateway(root, app, site, registry, admission, switchboard)
+    return Gateway(root, app, site, registry, admission, switchboard, metrics, admin_app)
+
+
+def route_labels(settings: Settings) -> dict[str, str]:
+    """Metric labels of the public routes (a bounded set)."""
+    twilio, gateway = settings.twilio, settings.gateway
+    return {twilio.voice_path: "twilio-voice", twilio.status_path: "twilio-status",
+            twilio.stream_status_path: "twilio-stream-status", twilio.media_path: "twilio-media",
+            settings.vapi.events_path: "vapi-events", gateway.health_path: "health",
+            gateway.ready_path: "ready"}
+
+
+def _metrics_body(request: Any, metrics: GatewayMetrics) -> bytes:
+    request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+    return metrics.render()
 
 
 def _http_client(reactor: Any) -> Any:
@@ -268,20 +319,35 @@ def _http_client(reactor: Any) -> Any:
     return HTTPClient(Agent(reactor, pool=pool))
 
 
-def _vapi_calls(settings: Settings, http: Any, clock: IReactorTime) -> CallCreator:
+def _start_local_assistant(settings: Settings, reactor: Any, api_key: str
+                           ) -> tuple[LocalAssistant, str]:
+    """``[vapi] api_url = local``: the Vapi stand-in, bound now so its URL is known."""
+    local = LocalAssistant(reactor, reactor, api_key=api_key,
+                           settings=settings.local_assistant,
+                           listen=settings.local_assistant_listen)
+    started = local.start()
+    if local.base_url is None:
+        problems: list[str] = []
+        started.addErrback(lambda f: problems.append(f.getErrorMessage()))
+        raise ListenFailed(f"vapi-gateway: the local assistant cannot listen on "
+                           f"{settings.local_assistant_listen!r}: {'; '.join(problems)}")
+    log.warning("using the LOCAL assistant (api_url = local): calls never reach Vapi",
+                url=local.base_url)
+    return local, local.base_url
+
+
+def _vapi_calls(settings: Settings, api_url: str, api_key: str, http: Any,
+                clock: IReactorTime) -> CallCreator:
     vapi = settings.vapi
-    assert vapi.api_key is not None
     return CallCreator(VapiApiSettings(
-        api_key=vapi.api_key.reveal(), api_url=vapi.api_url,
+        api_key=api_key, api_url=api_url,
         request_timeout_ns=int(vapi.request_timeout * NS_PER_SECOND),
         retries=vapi.request_retries), http, clock)
 
 
-def _link_factory(settings: Settings, clock: IReactorTime, connector: Any
+def _link_factory(settings: Settings, api_key: str, clock: IReactorTime, connector: Any
                   ) -> Callable[[Any, CreatedCall], LinkDriver]:
     vapi = settings.vapi
-    assert vapi.api_key is not None
-    api_key = vapi.api_key.reveal()
     audio = AudioFormat(vapi.audio_format, vapi.sample_rate)  # type: ignore[arg-type]
     link_settings = LinkSettings(
         heartbeat_interval_ns=int(vapi.heartbeat_interval * NS_PER_SECOND),

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     text = config_with(args.config, {
         "gateway": {"listen": f"tcp:{port}:interface=127.0.0.1", "public_url": base},
         "log": {"format": "json"},
+        "admin": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
     })
     daemon = DaemonProcess(text)
     print(f"starting: {' '.join(daemon.argv)}")

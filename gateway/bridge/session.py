@@ -150,6 +150,8 @@ class CallCounters:
     dtmf_digits: int = 0
     reconnects: int = 0
     recreates: int = 0
+    link_give_ups: int = 0
+    vapi_bad_frames: int = 0
     streams: int = 0
     first_uplink_ms: float | None = None
     first_downlink_ms: float | None = None
@@ -168,6 +170,8 @@ class SessionHooks(Protocol):
     def hang_up_twilio(self, session: CallSession) -> Deferred[None] | None: ...
 
     def session_ended(self, session: CallSession) -> None: ...
+
+    def barge_in(self, reaction_s: float, queued_s: float) -> None: ...
 
 
 class CallSession:
@@ -317,12 +321,14 @@ class CallSession:
         if self.ended:
             return
         lost_call = self.vapi_call_id
+        self.counters.link_give_ups += 1
         if self.policy.on_vapi_loss == "recreate" and self.counters.recreates < MAX_RECREATES:
             self.counters.recreates += 1
             self.log.warning("vapi link lost; creating a new vapi call", reason=failure.reason,
                              attempts=failure.attempts, lost_vapi_call_id=lost_call)
             failed, self.link = self.link, None
             if failed is not None:
+                self._retire_link(failed)
                 failed.stop()  # the failed link only settles its own state
             self._create_vapi_call(first_message=self.policy.recreate_first_message)
             return
@@ -439,6 +445,7 @@ class CallSession:
         if report.repeated:
             return
         self.counters.barge_ins += 1
+        self._hooks.barge_in(reaction_us / 1e6, report.queued_at_twilio_ms / 1000)
         self.counters.barge_in_reaction_us.append(round(reaction_us, 1))
         self.counters.barge_in_queued_ms.append(round(report.queued_at_twilio_ms, 1))
         self.log.info("barge-in", signal=signal, reaction_us=round(reaction_us, 1),
@@ -502,6 +509,7 @@ class CallSession:
         waits: list[Deferred[Any]] = []
         link, self.link = self.link, None
         if link is not None:
+            self._retire_link(link)
             waits.append(link.stop())  # end-call exactly once, then close
         # a Vapi call still being created is ended when it arrives (_vapi_call_created)
         stream, self.stream = self.stream, None
@@ -554,6 +562,30 @@ class CallSession:
             first_downlink_ms=c.first_downlink_ms,
         )
 
+    def _retire_link(self, link: VapiLink) -> None:
+        self.counters.vapi_bad_frames += _bad_frames(link)
+
+    def traffic(self, now_ns: int) -> dict[str, float]:
+        """This call's running totals and current playout figures (read by metrics)."""
+        stats = self.playout.stats(now_ns)
+        c = self.counters
+        return {
+            "uplink_frames": c.uplink_frames,
+            "uplink_bytes": c.uplink_bytes,
+            "downlink_frames": stats.frames_sent,
+            "downlink_bytes": stats.bytes_sent,
+            "underruns": stats.underruns,
+            "underrun_ms": stats.underrun_ms,
+            "overflow_drops": stats.overflow_drops,
+            "uplink_dropped": c.uplink_dropped_frames,
+            "keepalive_frames": c.keepalive_frames,
+            "reconnects": c.reconnects,
+            "link_give_ups": c.link_give_ups,
+            "vapi_violations": c.vapi_bad_frames + (_bad_frames(self.link) if self.link else 0),
+            "lead_ms": stats.lead_ms,
+            "buffered_ms": stats.buffered_ms,
+        }
+
     def snapshot(self) -> dict[str, Any]:
         """The call as JSON-ready data (admin API, logs)."""
         now = self._now_ns()
@@ -575,6 +607,14 @@ class CallSession:
             "barge_ins": self.counters.barge_ins,
             "reconnects": self.counters.reconnects,
         }
+
+
+def _bad_frames(link: VapiLink) -> int:
+    """Bad input a link received from Vapi (unparsable text, empty or odd-length audio)."""
+    counters = getattr(link, "counters", None)
+    if counters is None:
+        return 0
+    return int(counters.frames_bad_text + counters.frames_empty + counters.frames_odd_length)
 
 
 class CurrentLinkOwner:

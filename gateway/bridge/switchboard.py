@@ -26,6 +26,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from gateway.admission import Admission
+from gateway.bridge.outbound import OutboundCall, outbound_variables
 from gateway.bridge.registry import CallRegistry
 from gateway.bridge.session import (
     CallInfo,
@@ -37,6 +38,7 @@ from gateway.bridge.session import (
 )
 from gateway.config import Settings
 from gateway.logs import get_logger
+from gateway.metrics import GatewayMetrics
 from gateway.twilio.stream import Started
 from gateway.twilio.twiml import CALLED_PARAMETER, CALLER_PARAMETER
 from gateway.vapi.assistants import choose_assistant, twilio_call_overrides
@@ -69,7 +71,8 @@ class Switchboard:
 
     def __init__(self, settings: Settings, registry: CallRegistry, admission: Admission,
                  clock: IReactorTime, vapi_calls: VapiCalls, link_factory: LinkFactory,
-                 twilio_rest: TwilioHangup | None) -> None:
+                 twilio_rest: TwilioHangup | None, metrics: GatewayMetrics | None = None
+                 ) -> None:
         self.settings = settings
         self.registry = registry
         self.admission = admission
@@ -77,8 +80,10 @@ class Switchboard:
         self._vapi_calls = vapi_calls
         self._link_factory = link_factory
         self._twilio_rest = twilio_rest
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
         self._sessions: dict[str, CallSession] = {}
         self._by_vapi_call: dict[str, CallSession] = {}
+        self._outbound: dict[str, OutboundCall] = {}  # CallSid → how it was placed
         vapi = settings.vapi
         self._audio = AudioFormat(vapi.audio_format, vapi.sample_rate)  # type: ignore[arg-type]
         self.policy = SessionPolicy(
@@ -123,16 +128,20 @@ class Switchboard:
         session = CallSession(info, self.settings.bridge, self.policy, self, self.now_ns)
         self._sessions[info.call_sid] = session
         self.registry.add(session)
+        self.metrics.call_started()
         session.log.info("call admitted", caller=info.caller, called=info.called,
                          active_calls=len(self._sessions))
         session.start()
         return session
 
-    def attach_stream(self, stream: MediaSocket, started: Started) -> CallSession | None:
+    def attach_stream(self, stream: MediaSocket, started: Started,
+                      outbound: OutboundCall | None = None) -> CallSession | None:
         """Join a started media stream (its token already verified) to its call.
 
-        A stream for a call this worker does not hold (e.g. the daemon restarted
-        between the webhook and the stream) opens the call now, if admitted.
+        A stream for a call this worker does not hold opens the call now, if admitted:
+        an outbound call placed by the admin API (``outbound``: the assistant and
+        variables chosen then), or a call whose webhook this process did not see (e.g.
+        the daemon restarted between the webhook and the stream).
         """
         session = self._sessions.get(started.call_sid)
         if session is None or session.ended:
@@ -140,9 +149,14 @@ class Switchboard:
                 log.warning("stream refused: not admitting calls", call_sid=started.call_sid)
                 return None
             params = started.custom_parameters
-            session = self.open_call(CallInfo(
-                started.call_sid, params.get(CALLER_PARAMETER, ""),
-                params.get(CALLED_PARAMETER, ""), started.account_sid))
+            if outbound is not None:
+                self._outbound[started.call_sid] = outbound
+                info = CallInfo(started.call_sid, outbound.caller, outbound.called,
+                                started.account_sid)
+            else:
+                info = CallInfo(started.call_sid, params.get(CALLER_PARAMETER, ""),
+                                params.get(CALLED_PARAMETER, ""), started.account_sid)
+            session = self.open_call(info)
         session.attach_stream(stream, started)
         return session
 
@@ -174,7 +188,9 @@ class Switchboard:
     def create_vapi_call(self, session: CallSession, first_message: str | None
                          ) -> Deferred[CreatedCall]:
         info = session.info
-        choice = choose_assistant(self.settings.routing, info.called)
+        placed = self._outbound.get(info.call_sid)
+        choice = placed.choice if placed else choose_assistant(self.settings.routing,
+                                                               info.called)
         overrides: dict[str, Any] | None = None
         if self.settings.assistant.variable_values or first_message is not None:
             overrides = twilio_call_overrides(
@@ -182,16 +198,24 @@ class Switchboard:
                 call_sid=info.call_sid, first_message=first_message)
             if not self.settings.assistant.variable_values:
                 overrides.pop("variableValues", None)
+        if placed is not None:  # the admin request's variables win
+            overrides = outbound_variables(overrides, placed.variables)
         if choice is None:  # routing always has a default; kept for type safety
             raise RuntimeError("no assistant configured")
         creating = self._vapi_calls.create_call(choice, self._audio, overrides)
+        asked = self.clock.seconds()
 
         def remember(created: CreatedCall) -> CreatedCall:
+            self.metrics.vapi_call_created(self.clock.seconds() - asked)
             if not session.ended:
                 self._by_vapi_call[created.call_id] = session
             return created
 
-        return creating.addCallback(remember)
+        def count_failure(failure: Failure) -> Failure:
+            self.metrics.vapi_call_failed(type(failure.value).__name__)
+            return failure
+
+        return creating.addCallbacks(remember, count_failure)
 
     def open_link(self, owner: CurrentLinkOwner, created: CreatedCall) -> VapiLink:
         return self._link_factory(owner, created)
@@ -220,7 +244,14 @@ class Switchboard:
             del self._sessions[session.call_sid]
         if session.vapi_call_id is not None:
             self._by_vapi_call.pop(session.vapi_call_id, None)
+        self._outbound.pop(session.call_sid, None)
         self.registry.remove(session)
+        now = self.now_ns()
+        self.metrics.call_ended(session.cause or "unknown", (now - session.created_ns) / 1e9,
+                                session.traffic(now))
+
+    def barge_in(self, reaction_s: float, queued_s: float) -> None:
+        self.metrics.barge_in(reaction_s, queued_s)
 
     # -- the clock ---------------------------------------------------------------------------------
 

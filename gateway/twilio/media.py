@@ -15,6 +15,13 @@ A thin Autobahn shell around :class:`gateway.twilio.stream.MediaStreamState`:
   ``[twilio] account_sid`` is set, that account.  Then
   :meth:`~gateway.twilio.routes.CallControl.attach_stream` joins it to its call; a
   stream that fails any of this is closed with 4008.
+- **outbound start**: a ``start`` carrying ``outboundRef`` (an outbound call placed by
+  the admin API, see :mod:`gateway.bridge.outbound`) is checked against the pending
+  outbound calls instead: the reference must be pending, unexpired and placed as this
+  ``callSid``, and the stream token must have been issued for the reference.  Then
+  :meth:`OutboundStreams.attach_stream` consumes the reference and opens the call with
+  the assistant chosen when it was placed.  Anything else closes with 4008 (so does any
+  ``outboundRef`` when the factory has no outbound calls).
 - **frames**: caller audio, DTMF, mark echoes and ``stop`` go to the call's
   :class:`~gateway.twilio.routes.StreamSession`; protocol violations are counted
   (and logged: the first few, then every 100th) until ``max_violations`` closes the
@@ -37,7 +44,7 @@ that route to the Klein app.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Protocol
 
 import txaio
 from autobahn.twisted.resource import WebSocketResource
@@ -48,6 +55,7 @@ from klein import Klein
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.web.iweb import IRequest
 
+from gateway.bridge.session import MediaSocket
 from gateway.config import Settings
 from gateway.logs import get_logger
 from gateway.twilio.routes import CallControl, StreamSession, stream_url
@@ -65,7 +73,7 @@ from gateway.twilio.stream import (
     Violation,
 )
 from gateway.twilio.token import StreamTokens
-from gateway.twilio.twiml import STREAM_TOKEN_PARAMETER
+from gateway.twilio.twiml import OUTBOUND_REF_PARAMETER, STREAM_TOKEN_PARAMETER
 
 __all__ = [
     "CLOSE_HANDSHAKE_TIMEOUT_SECONDS",
@@ -73,6 +81,7 @@ __all__ = [
     "START_TIMEOUT_SECONDS",
     "MediaStreamFactory",
     "MediaStreamProtocol",
+    "OutboundStreams",
     "media_stream_factory",
 ]
 
@@ -91,6 +100,20 @@ _MAX_LOGGED_CHARS: Final = 200
 _OPEN: Final = WebSocketProtocol.STATE_OPEN
 _CONNECTING: Final = WebSocketProtocol.STATE_CONNECTING
 _SIGNATURE_HEADER: Final = "x-twilio-signature"  # Autobahn lowercases header names
+
+
+class OutboundStreams(Protocol):
+    """The pending outbound calls (:class:`gateway.bridge.outbound.OutboundCalls`)."""
+
+    def check(self, reference: str, call_sid: str, now: float) -> str | None:
+        """Why a stream of ``call_sid`` may not claim ``reference`` now; None if it may."""
+        ...
+
+    def attach_stream(
+        self, reference: str, stream: MediaSocket, started: Started, now: float
+    ) -> StreamSession | None:
+        """Consume ``reference``, open its call and join the stream; None refuses it."""
+        ...
 
 
 class MediaStreamProtocol(WebSocketServerProtocol):
@@ -272,6 +295,10 @@ class MediaStreamProtocol(WebSocketServerProtocol):
             )
             self.close(CloseCode.POLICY_VIOLATION, "wrong account")
             return
+        reference = started.custom_parameters.get(OUTBOUND_REF_PARAMETER)
+        if reference is not None:
+            self._started_outbound(started, reference)
+            return
         check = server.tokens.verify(
             started.custom_parameters.get(STREAM_TOKEN_PARAMETER),
             started.call_sid,
@@ -281,7 +308,34 @@ class MediaStreamProtocol(WebSocketServerProtocol):
             self._call_log.warning("media stream refused: bad stream token", reason=check.reason)
             self.close(CloseCode.POLICY_VIOLATION, f"stream token {check.reason}")
             return
-        session = server.calls.attach_stream(self, started)
+        self._joined(started, server.calls.attach_stream(self, started))
+
+    def _started_outbound(self, started: Started, reference: str) -> None:
+        """The ``start`` of an outbound call's stream: reference, CallSid, then token."""
+        server = self._server
+        outbound = server.outbound
+        self._call_log = self._call_log.bind(outbound_ref=reference[:_MAX_LOGGED_CHARS])
+        if outbound is None:
+            self._call_log.warning("media stream refused: outbound calls are not enabled")
+            self.close(CloseCode.POLICY_VIOLATION, "outbound call unknown")
+            return
+        now = server.clock.seconds()
+        refusal = outbound.check(reference, started.call_sid, now)
+        if refusal is not None:
+            self._call_log.warning("media stream refused: bad outbound reference",
+                                   reason=refusal)
+            self.close(CloseCode.POLICY_VIOLATION, f"outbound call {refusal}")
+            return
+        check = server.tokens.verify(
+            started.custom_parameters.get(STREAM_TOKEN_PARAMETER), reference, now
+        )
+        if not check.ok:
+            self._call_log.warning("media stream refused: bad stream token", reason=check.reason)
+            self.close(CloseCode.POLICY_VIOLATION, f"stream token {check.reason}")
+            return
+        self._joined(started, outbound.attach_stream(reference, self, started, now))
+
+    def _joined(self, started: Started, session: StreamSession | None) -> None:
         if session is None:
             self._call_log.warning("media stream refused: call not admitted")
             self.close(CloseCode.POLICY_VIOLATION, "call not admitted")
@@ -319,6 +373,7 @@ class MediaStreamFactory(WebSocketServerFactory):
         calls: CallControl,
         clock: IReactorTime,
         start_timeout: float = START_TIMEOUT_SECONDS,
+        outbound: OutboundStreams | None = None,
     ) -> None:
         twilio = settings.twilio
         self.public_stream_url: Final = stream_url(settings)
@@ -341,6 +396,7 @@ class MediaStreamFactory(WebSocketServerFactory):
         self.calls: Final = calls
         self.clock: Final = clock
         self.start_timeout: Final = start_timeout
+        self.outbound: Final = outbound
 
     def __repr__(self) -> str:
         return f"<MediaStreamFactory {self.media_path}>"
@@ -368,9 +424,13 @@ def media_stream_factory(
     calls: CallControl,
     clock: IReactorTime,
     start_timeout: float = START_TIMEOUT_SECONDS,
+    outbound: OutboundStreams | None = None,
 ) -> MediaStreamFactory:
     """The Media Streams server factory (serve it with :meth:`MediaStreamFactory.register`
-    or ``autobahn.twisted.resource.WebSocketResource(factory)`` at ``media_path``)."""
+    or ``autobahn.twisted.resource.WebSocketResource(factory)`` at ``media_path``).
+
+    ``outbound`` (the pending outbound calls of the admin API) lets streams that carry
+    ``outboundRef`` start; without it they are refused."""
     return MediaStreamFactory(
         settings,
         validator=validator,
@@ -378,4 +438,5 @@ def media_stream_factory(
         calls=calls,
         clock=clock,
         start_timeout=start_timeout,
+        outbound=outbound,
     )

@@ -1,6 +1,6 @@
 """TwiML answers to Twilio's voice webhook, built with ``twilio``'s ``VoiceResponse``.
 
-Two answers:
+Three answers:
 
 - :meth:`TwimlAnswers.connect`: an optional greeting ``<Say>``, then
   ``<Connect><Stream url="wss://…/twilio/media" statusCallback=… statusCallbackMethod="POST">``
@@ -9,6 +9,9 @@ Two answers:
   ``<Hangup/>``. ``<Connect>`` blocks until the gateway closes the socket, so the
   fallback is heard only when the stream ends without the call ending (the
   gateway failed or closed the stream on purpose).
+- :meth:`TwimlAnswers.connect_outbound`: the same ``<Connect><Stream>`` for a call
+  placed by the admin API, identified by ``outboundRef`` instead of ``CallSid``, and
+  without the greeting.
 - :meth:`TwimlAnswers.busy`: ``<Say>message</Say><Hangup/>``.
 
 URLs must use TLS (``wss://`` for the stream, ``https://`` for the callback);
@@ -39,6 +42,7 @@ __all__ = [
     "CALLER_PARAMETER",
     "CALL_SID_PARAMETER",
     "MAX_PARAMETER_CHARS",
+    "OUTBOUND_REF_PARAMETER",
     "STREAM_TOKEN_PARAMETER",
     "TwimlAnswers",
     "validate_callback_url",
@@ -49,7 +53,10 @@ CALL_SID_PARAMETER: Final = "CallSid"
 CALLER_PARAMETER: Final = "From"
 CALLED_PARAMETER: Final = "To"
 STREAM_TOKEN_PARAMETER: Final = "streamToken"
-"""Names of the ``<Parameter>``s; they come back in ``Started.custom_parameters``."""
+OUTBOUND_REF_PARAMETER: Final = "outboundRef"
+"""Names of the ``<Parameter>``s; they come back in ``Started.custom_parameters``.
+An outbound call's stream token is bound to its ``outboundRef`` (its CallSid is not
+known when its TwiML is written: see :mod:`gateway.bridge.outbound`)."""
 
 MAX_PARAMETER_CHARS: Final = 500
 """Twilio's limit: a ``<Parameter>``'s name plus value must stay under this."""
@@ -157,6 +164,33 @@ class TwimlAnswers:
         response = VoiceResponse()
         if self._greeting:
             self._say(response, self._greeting)
+        stream = response.connect().stream(
+            url=self.stream_url,
+            status_callback=self.stream_status_callback_url,
+            status_callback_method="POST" if self.stream_status_callback_url else None,
+        )
+        for name, value in parameters:
+            stream.parameter(name=name, value=value)
+        if self._fallback:
+            self._say(response, self._fallback)
+        response.hangup()
+        return str(response)
+
+    def connect_outbound(
+        self, *, reference: str, caller: str, called: str, stream_token: str
+    ) -> str:
+        """The inline TwiML of an outbound call placed by the admin API: ``<Connect><Stream>``
+        (same URL and status callback as :meth:`connect`) with ``outboundRef`` (the token
+        is bound to it), ``From``, ``To`` and the stream token, then the spoken fallback
+        and ``<Hangup/>``.  No greeting: the person called hears the assistant first."""
+        parameters = (
+            (OUTBOUND_REF_PARAMETER, reference),
+            (CALLER_PARAMETER, caller),
+            (CALLED_PARAMETER, called),
+            (STREAM_TOKEN_PARAMETER, stream_token),
+        )
+        _check_parameters(parameters)
+        response = VoiceResponse()
         stream = response.connect().stream(
             url=self.stream_url,
             status_callback=self.stream_status_callback_url,

@@ -26,6 +26,7 @@ from autobahn.twisted.websocket import (
 )
 from ini import minimal_ini
 from klein import Klein
+from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twilio.request_validator import RequestValidator
 from twisted.internet.address import IPv4Address
@@ -379,4 +380,84 @@ def test_vapi_loss_with_hangup_policy_closes_the_stream_for_the_fallback() -> No
     assert twilio.closed is not None  # Twilio then plays the fallback and hangs up
     assert len(rig.gateway.registry) == 0
     rig.advance(6)
+    rig.stop()
+
+
+def scrape(rig: Rig) -> dict[str, float]:
+    """GET /metrics on the admin app, parsed with prometheus_client's own parser."""
+    admin: Any = StubTreq(rig.gateway.admin_app.resource())
+    response = admin.get("http://127.0.0.1:9464/metrics").result
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+    text = admin.content(response).result.decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+def test_metrics_after_a_scripted_call() -> None:
+    rig = Rig(gateway={"max_concurrent_calls": "1"})
+    TXAIO.config.loop = rig.clock
+    twilio = rig.open_stream(rig.voice_webhook())
+    (vapi,) = rig.vapi.sockets
+    for i in range(25):
+        rig.caller_frame(twilio, i)
+        rig.advance(0.02)
+    vapi.sendMessage(b"\x22" * FRAME * 50, isBinary=True)
+    rig.advance(0.5)
+    during = scrape(rig)
+    assert during["vapi_gateway_calls_active"] == 1
+    keepalive = during["vapi_gateway_uplink_keepalive_frames_total"]
+    assert keepalive > 0  # Twilio's media paused: silence kept Vapi's uplink flowing
+    assert during["vapi_gateway_frames_total{direction=uplink}"] == 25 + keepalive
+    assert during["vapi_gateway_playout_lead_ms{stat=max}"] > 0
+    vapi.event(type="user-interrupted")
+    rig.flush()
+    twilio.send("stop", stop={"accountSid": "AC" + "0" * 32, "callSid": CALL_SID})
+    rig.advance(0.2)
+    # a second call while the first is ending would be refused at capacity 1: none here
+    after = scrape(rig)
+    assert after["vapi_gateway_calls_active"] == 0
+    assert after["vapi_gateway_calls_started_total"] == 1
+    assert after["vapi_gateway_calls_ended_total{cause=twilio-stop}"] == 1
+    assert after["vapi_gateway_call_duration_seconds_count"] == 1
+    assert after["vapi_gateway_frames_total{direction=uplink}"] >= 25 + keepalive
+    assert after["vapi_gateway_frames_total{direction=downlink}"] == \
+        during["vapi_gateway_frames_total{direction=downlink}"]
+    assert after["vapi_gateway_bytes_total{direction=uplink}"] == \
+        after["vapi_gateway_frames_total{direction=uplink}"] * FRAME
+    assert after["vapi_gateway_barge_ins_total"] == 1
+    assert after["vapi_gateway_barge_in_reaction_seconds_count"] == 1
+    assert after["vapi_gateway_vapi_call_create_seconds_count"] == 1
+    assert after["vapi_gateway_webhook_requests_total{route=twilio-voice,status=200}"] == 1
+    assert after["vapi_gateway_reactor_lag_seconds_count"] > 5
+    assert after["vapi_gateway_downlink_underruns_total"] == 0
+    rig.advance(6)
+    rig.stop()
+
+
+def test_metrics_count_refusals_and_auth_failures() -> None:
+    rig = Rig()
+    rig.gateway.admission.draining = True
+    params = {"CallSid": CALL_SID, "From": "+1", "To": "+2"}
+    for signature in ("forged", None):
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if signature:
+            headers["X-Twilio-Signature"] = signature
+        response = rig.web.post(PUBLIC + "/twilio/voice", data=urlencode(params).encode(),
+                                headers=headers).result
+        assert response.code == 403
+    signature = RequestValidator(known_secrets.TWILIO_AUTH_TOKEN).compute_signature(
+        PUBLIC + "/twilio/voice", params)
+    busy = rig.web.post(PUBLIC + "/twilio/voice", data=urlencode(params).encode(),
+                        headers={"Content-Type": "application/x-www-form-urlencoded",
+                                 "X-Twilio-Signature": signature}).result
+    assert busy.code == 200
+    values = scrape(rig)
+    assert values["vapi_gateway_auth_failures_total{route=twilio-voice}"] == 2
+    assert values["vapi_gateway_webhook_requests_total{route=twilio-voice,status=403}"] == 2
+    assert values["vapi_gateway_admissions_refused_total{reason=draining}"] == 1
     rig.stop()

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.e2e
 def base_config(port: int, **sections: dict[str, str]) -> str:
     overrides = {"gateway": {"listen": f"tcp:{port}:interface=127.0.0.1",
                              "public_url": f"http://127.0.0.1:{port}", "drain_timeout": "5"},
-                 "log": {"format": "json", "level": "debug"}}
+                 "log": {"format": "json", "level": "debug"},
+                 "admin": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"}}
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)
     return minimal_ini(**overrides)

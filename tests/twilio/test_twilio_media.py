@@ -35,6 +35,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from gateway.admission import Admission
+from gateway.bridge.outbound import OutboundCall, OutboundCalls
 from gateway.bridge.registry import InMemoryCallRegistry
 from gateway.bridge.session import CallSession, MediaSocket, VapiLink
 from gateway.bridge.switchboard import Switchboard
@@ -49,6 +50,7 @@ from gateway.twilio.routes import (
 )
 from gateway.twilio.stream import FRAME_BYTES, Audio, Started
 from gateway.twilio.token import StreamTokens
+from gateway.vapi.assistants import AssistantById
 from gateway.vapi.calls import CreatedCall
 
 AUTH_TOKEN = known_secrets.TWILIO_AUTH_TOKEN
@@ -208,6 +210,7 @@ class FakeCalls:
     admit: bool = True
     attached: list[tuple[MediaSocket, Started]] = field(default_factory=list)
     sessions: list[FakeSession] = field(default_factory=list)
+    opened_outbound: list[tuple[OutboundCall, Started]] = field(default_factory=list)
 
     def open_call(self, info: Any) -> object:
         raise AssertionError("not used by the media socket")
@@ -221,7 +224,10 @@ class FakeCalls:
     def end_call(self, call_sid: str, cause: str) -> object:
         raise AssertionError("not used by the media socket")
 
-    def attach_stream(self, stream: MediaSocket, started: Started) -> StreamSession | None:
+    def attach_stream(self, stream: MediaSocket, started: Started,
+                      outbound: OutboundCall | None = None) -> StreamSession | None:
+        if outbound is not None:
+            self.opened_outbound.append((outbound, started))
         self.attached.append((stream, started))
         if not self.admit:
             return None
@@ -346,17 +352,22 @@ class MediaRig:
         settings: Settings | None = None,
         calls: Any = None,
         root: Resource | None = None,
+        outbound: bool = False,
     ) -> None:
         self.clock = clock
         self.settings = settings or make_settings()
         self.tokens: StreamTokens = stream_tokens_from(self.settings)
         self.calls = calls if calls is not None else FakeCalls()
+        self.outbound = OutboundCalls(
+            cast(Any, self.calls), ttl_seconds=self.tokens.ttl_seconds
+        )
         self.factory: MediaStreamFactory = media_stream_factory(
             self.settings,
             validator=signature_validator_from(self.settings),
             tokens=self.tokens,
             calls=self.calls,
             clock=clock,
+            outbound=self.outbound if outbound else None,
         )
         self.app = Klein()
         self.factory.register(self.app)
@@ -760,6 +771,147 @@ def test_an_oversized_message_is_refused_by_autobahn(clock: Clock) -> None:
     assert connection.client.closed_with[:2] == (False, 1006)
     assert rig.calls.session.audio == []
     assert rig.calls.session.closed == [connection.server]
+
+
+# -- outbound calls: the token is bound to the outboundRef, the CallSid to the entry -------
+
+
+def reserve_outbound(rig: MediaRig, call_sid: str | None = CALL_SID) -> OutboundCall:
+    """A pending outbound call (as the admin API reserves it), placed as ``call_sid``."""
+    call = rig.outbound.reserve(
+        caller="+15550002222",
+        called="+15550001111",
+        choice=AssistantById("asst-outbound"),
+        variables={"name": "Ada"},
+        now=rig.clock.seconds(),
+    )
+    if call_sid is not None:
+        assert rig.outbound.placed(call.reference, call_sid, rig.clock.seconds()) is not None
+    return call
+
+
+def outbound_start(rig: MediaRig, call: OutboundCall, token: str | None = "issue",
+                   frames: TwilioFrames | None = None) -> bytes:
+    """The ``start`` Twilio sends for the outbound TwiML (no CallSid parameter)."""
+    if token == "issue":
+        token = rig.tokens.issue(call.reference, rig.clock.seconds())
+    frames = frames or TwilioFrames()
+    custom = {"outboundRef": call.reference, "From": call.caller, "To": call.called}
+    start = json.loads(frames.start(token, **custom))
+    del start["start"]["customParameters"]["CallSid"]
+    return _json(start)
+
+
+def test_an_outbound_stream_starts_with_a_token_for_its_reference(clock: Clock) -> None:
+    rig = MediaRig(clock, outbound=True)
+    call = reserve_outbound(rig)
+    connection = rig.connect()
+    connection.send(connection.frames.connected(), outbound_start(rig, call))
+    ((opened, started),) = rig.calls.opened_outbound
+    assert opened.reference == call.reference
+    assert opened.call_sid == CALL_SID
+    assert opened.choice == AssistantById("asst-outbound")
+    assert started.call_sid == CALL_SID
+    ((stream, _),) = rig.calls.attached
+    assert stream is connection.server
+    assert len(rig.outbound) == 0  # the reference is consumed
+    connection.send(connection.frames.media(0))
+    assert rig.calls.session.audio == [Audio(FRAME, 0)]
+    connection.server.close(1000, "done")
+    connection.pump.flush()
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("start for another call", "outbound call wrong-call"),
+        ("create not answered yet", "outbound call not-placed"),
+        ("unknown reference", "outbound call unknown"),
+        ("expired reference", "outbound call expired"),
+        ("token issued for the CallSid", "stream token wrong-call"),
+        ("token of another reference", "stream token wrong-call"),
+        ("no token", "stream token missing"),
+        ("forged token", "stream token bad-signature"),
+    ],
+)
+def test_a_bad_outbound_start_is_closed_with_4008(
+    clock: Clock, case: str, reason: str, log_events: list[dict[str, Any]]
+) -> None:
+    rig = MediaRig(clock, outbound=True)
+    call = reserve_outbound(rig, None if case == "create not answered yet" else CALL_SID)
+    other = reserve_outbound(rig, OTHER_CALL_SID)
+    frames = TwilioFrames(call_sid=OTHER_CALL_SID if case == "start for another call" else CALL_SID)
+    token: str | None = "issue"
+    if case == "unknown reference":
+        call = OutboundCall("OB" + "0" * 32, call.caller, call.called, call.choice, {}, 0.0)
+    elif case == "expired reference":
+        token = rig.tokens.issue(call.reference, clock.seconds())
+        clock.advance(rig.tokens.ttl_seconds)
+    elif case == "token issued for the CallSid":
+        token = rig.tokens.issue(CALL_SID, clock.seconds())
+    elif case == "token of another reference":
+        token = rig.tokens.issue(other.reference, clock.seconds())
+    elif case == "no token":
+        token = None
+    elif case == "forged token":
+        token = FORGING_TOKENS.issue(call.reference, clock.seconds())
+    connection = rig.connect()
+    connection.send(connection.frames.connected(), outbound_start(rig, call, token, frames))
+    assert connection.client.closed_with == (True, 4008, reason)
+    assert rig.calls.attached == []
+    assert rig.calls.opened_outbound == []
+    refused = [e for e in log_events if str(e.get("event", "")).startswith("media stream refused")]
+    assert len(refused) == 1
+    if token:
+        assert token not in json.dumps(log_events, default=repr)
+
+
+def test_a_refused_outbound_start_leaves_the_entry_for_the_genuine_stream(clock: Clock) -> None:
+    rig = MediaRig(clock, outbound=True)
+    call = reserve_outbound(rig)
+    token = rig.tokens.issue(call.reference, clock.seconds())
+    intruder = rig.connect()
+    intruder.send(outbound_start(rig, call, token, TwilioFrames(call_sid=OTHER_CALL_SID)))
+    assert intruder.client.closed_with == (True, 4008, "outbound call wrong-call")
+    genuine = rig.connect()
+    genuine.send(outbound_start(rig, call, token))
+    assert len(rig.calls.attached) == 1
+    genuine.server.close(1000, "done")
+    genuine.pump.flush()
+
+
+def test_a_replayed_outbound_start_is_refused(clock: Clock) -> None:
+    rig = MediaRig(clock, outbound=True)
+    call = reserve_outbound(rig)
+    start = outbound_start(rig, call)
+    first = rig.connect()
+    first.send(start)
+    assert len(rig.calls.attached) == 1
+    second = rig.connect()
+    second.send(start)
+    assert second.client.closed_with == (True, 4008, "outbound call unknown")
+    assert len(rig.calls.attached) == 1
+    first.server.close(1000, "done")
+    first.pump.flush()
+
+
+def test_an_outbound_start_without_outbound_calls_is_refused(clock: Clock) -> None:
+    rig = MediaRig(clock)  # the factory has no pending outbound calls
+    call = reserve_outbound(rig)
+    connection = rig.connect()
+    connection.send(outbound_start(rig, call))
+    assert connection.client.closed_with == (True, 4008, "outbound call unknown")
+    assert rig.calls.attached == []
+
+
+def test_an_outbound_call_the_switchboard_does_not_admit_is_closed(clock: Clock) -> None:
+    rig = MediaRig(clock, calls=FakeCalls(admit=False), outbound=True)
+    call = reserve_outbound(rig)
+    connection = rig.connect()
+    connection.send(outbound_start(rig, call))
+    assert len(rig.calls.opened_outbound) == 1
+    assert connection.client.closed_with == (True, 4008, "call not admitted")
+    assert len(rig.outbound) == 0
 
 
 # -- with the real switchboard, after a real voice webhook ---------------------------------

@@ -1,0 +1,184 @@
+"""Scripts: what the local assistant does on a call, written as ``speak+interrupt``.
+
+A script is behaviours joined by ``+``; each may take arguments after ``:``
+(omitted arguments take the :class:`~gateway.tools.local_assistant.settings.LocalAssistantSettings`
+defaults; times are milliseconds)::
+
+    echo[:DELAY]                 return the caller's audio DELAY ms later
+    speak[:CLIP[,CLIP...]]       say the clips (default: agent) in turn, the first one
+                                 as the first message, in bursts faster than real time
+    interrupt[:AT]               AT ms into the utterance, the caller barges in: the
+                                 utterance stops (no more of its audio), user-interrupted
+                                 and speech-update (user, started) are sent
+    stall[:AT[:FOR]]             AT ms into the utterance, the audio pauses FOR ms
+                                 (a ``hang`` event is sent if the pause is long)
+    drop[:AT]                    AT ms into the utterance, the socket is aborted (TCP
+                                 abort, no close frame); the call may be rejoined ...
+    refuse-reconnect             ... unless this is given: then the call is over
+    fail-create[:MODE][*N]       POST /call fails: MODE is an HTTP status 500..599
+                                 (default 500), ``concurrency`` (400, concurrency limit),
+                                 ``slow`` (answers after create_delay_ms) or
+                                 ``no-socket-url`` (201 without transport.websocketCallUrl);
+                                 ``*N``: only the first N requests with this script fail,
+                                 later ones create the call and run the rest of the script
+    silent                       nothing at all (the call still ends on silence)
+
+``interrupt``, ``stall`` and ``drop`` act on one utterance (the first message
+unless ``target_utterance`` says otherwise), so they imply ``speak``. Offsets
+are measured in wall-clock time from the utterance's ``speech-update``
+(started): what a caller listening in real time would have heard by then.
+
+Examples: ``speak``, ``echo:200``, ``speak+interrupt:1500``,
+``speak:agent,caller+stall:1000:4000``, ``speak+drop:2000+refuse-reconnect``,
+``fail-create:503*2+speak``, ``fail-create:concurrency``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Final, Literal
+
+__all__ = ["FailCreate", "FailCreateMode", "Script", "ScriptError", "parse_script"]
+
+FailCreateMode = Literal["status", "concurrency", "slow", "no-socket-url"]
+
+_MAX_MS: Final = 3_600_000
+_MAX_TIMES: Final = 1000
+_NAMES: Final = ("echo", "speak", "interrupt", "stall", "drop", "refuse-reconnect",
+                 "fail-create", "silent")
+
+
+class ScriptError(ValueError):
+    """A script that does not parse; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class FailCreate:
+    """How ``POST /call`` fails: ``mode`` (with ``status`` for an HTTP status), for the
+    first ``times`` requests carrying this script (``None``: every request)."""
+
+    mode: FailCreateMode = "status"
+    status: int = 500
+    times: int | None = None
+
+
+@dataclass(frozen=True)
+class Script:
+    """One parsed script. ``None`` arguments take the settings' defaults."""
+
+    text: str
+    echo: bool = False
+    echo_delay_ms: int | None = None
+    speak: bool = False
+    utterances: tuple[str, ...] | None = None
+    interrupt: bool = False
+    interrupt_at_ms: int | None = None
+    stall: bool = False
+    stall_at_ms: int | None = None
+    stall_ms: int | None = None
+    drop: bool = False
+    drop_at_ms: int | None = None
+    refuse_reconnect: bool = False
+    fail_create: FailCreate | None = None
+
+    def without_fail_create(self) -> Script:
+        """The same script once its ``fail-create`` has run out."""
+        parts = [p for p in self.text.split("+") if not p.startswith("fail-create")]
+        return replace(self, text="+".join(parts) or "silent", fail_create=None)
+
+
+def _milliseconds(value: str, what: str) -> int:
+    if not value.isdigit() or int(value) > _MAX_MS:
+        raise ScriptError(f"{what} must be a whole number of milliseconds (0..{_MAX_MS}), "
+                          f"not {value!r}")
+    return int(value)
+
+
+def _expect_args(name: str, args: list[str], most: int) -> None:
+    if len(args) > most:
+        raise ScriptError(f"{name} takes at most {most} argument(s)")
+
+
+def _fail_create(args: list[str], times_text: str | None) -> FailCreate:
+    _expect_args("fail-create", args, 1)
+    times: int | None = None
+    if times_text is not None:
+        if not times_text.isdigit() or not 1 <= int(times_text) <= _MAX_TIMES:
+            raise ScriptError(f"fail-create *N needs N in 1..{_MAX_TIMES}, not {times_text!r}")
+        times = int(times_text)
+    mode = args[0] if args else "500"
+    if mode.isdigit():
+        if not 500 <= int(mode) <= 599:
+            raise ScriptError(f"fail-create status must be 500..599, not {mode}")
+        return FailCreate("status", int(mode), times)
+    if mode in ("concurrency", "slow", "no-socket-url"):
+        return FailCreate(mode, 400 if mode == "concurrency" else 201, times)  # type: ignore[arg-type]
+    raise ScriptError(f"fail-create mode {mode!r}: use a status 500..599, concurrency, "
+                      "slow or no-socket-url")
+
+
+def parse_script(text: str) -> Script:
+    """Parse ``speak+interrupt:1500`` (see the module docstring); raises :class:`ScriptError`."""
+    text = text.strip()
+    if not text:
+        raise ScriptError("the script is empty")
+    fields: dict[str, object] = {}
+    seen: list[str] = []
+    for part in text.split("+"):
+        token = part.strip()
+        times_text: str | None = None
+        if "*" in token:
+            token, times_text = token.split("*", 1)
+        name, *args = token.split(":")
+        if name not in _NAMES:
+            raise ScriptError(f"unknown behaviour {name!r}; known: {', '.join(_NAMES)}")
+        if name in seen:
+            raise ScriptError(f"{name} is given twice")
+        if times_text is not None and name != "fail-create":
+            raise ScriptError(f"only fail-create takes *N, not {name}")
+        seen.append(name)
+        if name == "echo":
+            _expect_args(name, args, 1)
+            fields["echo"] = True
+            if args:
+                fields["echo_delay_ms"] = _milliseconds(args[0], "echo delay")
+        elif name == "speak":
+            _expect_args(name, args, 1)
+            fields["speak"] = True
+            if args:
+                clips = tuple(c.strip() for c in args[0].split(","))
+                if not all(clips):
+                    raise ScriptError("speak needs clip names separated by commas")
+                fields["utterances"] = clips
+        elif name == "interrupt":
+            _expect_args(name, args, 1)
+            fields["interrupt"] = True
+            if args:
+                fields["interrupt_at_ms"] = _milliseconds(args[0], "interrupt offset")
+        elif name == "stall":
+            _expect_args(name, args, 2)
+            fields["stall"] = True
+            if args:
+                fields["stall_at_ms"] = _milliseconds(args[0], "stall offset")
+            if len(args) > 1:
+                fields["stall_ms"] = _milliseconds(args[1], "stall duration")
+        elif name == "drop":
+            _expect_args(name, args, 1)
+            fields["drop"] = True
+            if args:
+                fields["drop_at_ms"] = _milliseconds(args[0], "drop offset")
+        elif name == "refuse-reconnect":
+            _expect_args(name, args, 0)
+            fields["refuse_reconnect"] = True
+        elif name == "fail-create":
+            fields["fail_create"] = _fail_create(args, times_text)
+        else:  # silent
+            _expect_args(name, args, 0)
+    if "silent" in seen and len(seen) > 1 and set(seen) - {"silent", "fail-create"}:
+        raise ScriptError("silent cannot be combined with other behaviours")
+    if fields.get("refuse_reconnect") and not fields.get("drop"):
+        raise ScriptError("refuse-reconnect needs drop")
+    if fields.get("interrupt") or fields.get("stall") or fields.get("drop"):
+        fields["speak"] = True
+    canonical = "+".join(part.strip() for part in text.split("+"))
+    return Script(text=canonical, **fields)  # type: ignore[arg-type]

@@ -1,0 +1,222 @@
+"""``vapi-gateway-sim``: play Twilio against a running gateway and report what a caller
+would have experienced.
+
+Examples::
+
+    vapi-gateway-sim --config etc/vapi-gateway.ini --url http://127.0.0.1:8080
+    vapi-gateway-sim --public-url https://gw.example.com --auth-token env:TWILIO_AUTH_TOKEN \\
+        --url http://127.0.0.1:8080 --audio caller.wav --record heard.wav \\
+        --interrupt-at 6 --json
+    vapi-gateway-sim --config gw.ini --calls 200 --stagger 0.05 --duration 30
+
+The gateway is described by its own ini file (``[gateway] public_url``, ``[twilio]``
+``auth_token``, ``account_sid``, ``voice_path``, ``status_path``; secrets given as
+``env:``/``file:``/``cred:`` are resolved as the daemon resolves them) or by flags,
+which win over the file.  ``--url`` is where requests really go (default: the public
+URL); every URL is signed as the public one.
+
+Exit status: 0 when every call completed with no protocol violation, 1 otherwise,
+2 for bad arguments or an unreadable config or clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from gateway.config import ConfigError, load_settings, resolve_secret
+from gateway.tools.simulator.call import (
+    CallScenario,
+    MediaClock,
+    network_connector,
+    run_calls,
+)
+from gateway.tools.simulator.playout import DEFAULT_UTTERANCE_GAP_MS
+from gateway.tools.simulator.report import render_text, summarize, to_json
+from gateway.tools.simulator.wav import CallerAudio, WavError
+from gateway.tools.simulator.webhooks import DEFAULT_ACCOUNT_SID, GatewayTarget
+
+__all__ = ["CLIPS_DIR", "RunPlan", "main", "parse_arguments", "plan_run"]
+
+CLIPS_DIR: Final = Path(__file__).resolve().parent.parent / "clips"
+"""Speech clips packaged with the tools (the default caller and interrupt clips)."""
+_DEFAULT_CALLER_CLIP: Final = "caller_8k_ulaw.wav"
+_DEFAULT_INTERRUPT_CLIP: Final = "interrupt_8k_ulaw.wav"
+_BRIEF_ABOVE_CALLS: Final = 5
+_HTTP_CONNECTIONS_PER_HOST: Final = 50
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run needs, checked before the reactor starts."""
+
+    target: GatewayTarget
+    scenario: CallScenario
+    calls: int = 1
+    stagger_s: float = 0.0
+    json: bool = False
+
+
+def _seconds_to_ms(value: float | None) -> int | None:
+    return None if value is None else round(value * 1000)
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (``--help`` for the full list)."""
+    parser = argparse.ArgumentParser(
+        prog="vapi-gateway-sim",
+        description="Play Twilio against a running vapi-gateway: a signed voice webhook, "
+        "the media stream with a caller clip, Twilio's playout, the status callback; "
+        "then report what the caller experienced.",
+    )
+    gateway = parser.add_argument_group("the gateway")
+    gateway.add_argument("--url", default="", help="where requests go (default: the public "
+                         "URL), e.g. http://127.0.0.1:8080")
+    gateway.add_argument("--config", help="the gateway's ini file: public_url, auth_token, "
+                         "account_sid and the [twilio] paths")
+    gateway.add_argument("--public-url", help="the gateway's public URL (what Twilio signs)")
+    gateway.add_argument("--auth-token", help="Twilio Auth Token; env:NAME or file:PATH "
+                         "keep it off the command line")
+    gateway.add_argument("--account-sid", help="AccountSid to send (default: the ini's, "
+                         f"else {DEFAULT_ACCOUNT_SID})")
+    gateway.add_argument("--voice-path", help="voice webhook path (default /twilio/voice)")
+    gateway.add_argument("--status-path", help="status callback path (default /twilio/status)")
+    call = parser.add_argument_group("the call")
+    call.add_argument("--from", dest="caller", default="+15550001111", help="caller number")
+    call.add_argument("--to", dest="called", default="+15550002222", help="dialled number")
+    call.add_argument("--audio", help="what the caller says: a mono WAV, 8 kHz mu-law or "
+                      "16-bit PCM (default: the packaged caller clip); 'none' for silence")
+    call.add_argument("--audio-at", type=float, default=0.0, metavar="SECONDS",
+                      help="when the caller starts speaking (default 0)")
+    call.add_argument("--duration", type=float, default=20.0, metavar="SECONDS",
+                      help="the caller hangs up this long after the stream starts, unless "
+                      "the gateway ends the call first (default 20)")
+    call.add_argument("--hangup-after", type=float, metavar="SECONDS",
+                      help="hang up earlier than --duration (stop, then the status callback)")
+    call.add_argument("--drop", action="store_true",
+                      help="end with an abrupt TCP close instead of stop")
+    call.add_argument("--interrupt-at", type=float, metavar="SECONDS",
+                      help="the caller cuts in at this time; barge-in is measured from it")
+    call.add_argument("--interrupt-audio", help="what the caller says when cutting in "
+                      "(default: the packaged interrupt clip)")
+    call.add_argument("--record", help="write what the caller heard to this WAV file")
+    call.add_argument("--record-format", choices=("mulaw", "pcm16"), default="mulaw",
+                      help="8 kHz mu-law (default) or 16-bit PCM")
+    call.add_argument("--utterance-gap-ms", type=int, default=DEFAULT_UTTERANCE_GAP_MS,
+                      help="silence of at least this long separates two utterances; "
+                      "shorter silence inside speech is a gap "
+                      f"(default {DEFAULT_UTTERANCE_GAP_MS})")
+    run = parser.add_argument_group("the run")
+    run.add_argument("--calls", type=int, default=1, help="concurrent calls (default 1)")
+    run.add_argument("--stagger", type=float, default=0.0, metavar="SECONDS",
+                     help="delay between the starts of consecutive calls (default 0)")
+    run.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser.parse_args(argv)
+
+
+def _clip(path: str | None, default_name: str, *, required: bool) -> CallerAudio | None:
+    if path is not None:
+        return None if path.lower() == "none" else CallerAudio.from_wav(path)
+    packaged = CLIPS_DIR / default_name
+    if packaged.is_file():
+        return CallerAudio.from_wav(packaged)
+    if required:
+        raise WavError(f"no clip given and no packaged clip at {packaged}")
+    return None
+
+
+def plan_run(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> RunPlan:
+    """Check the arguments, read the config and the clips: :class:`ValueError`,
+    :class:`~gateway.config.ConfigError` or :class:`WavError` when something is wrong."""
+    env = os.environ if environ is None else environ
+    public_url, auth_token, account_sid = "", "", ""
+    voice_path, status_path = "/twilio/voice", "/twilio/status"
+    if args.config:
+        settings = load_settings(args.config, env)
+        public_url = settings.gateway.public_url
+        auth_token = settings.twilio.auth_token.reveal() if settings.twilio.auth_token else ""
+        account_sid = settings.twilio.account_sid
+        voice_path, status_path = settings.twilio.voice_path, settings.twilio.status_path
+    if args.auth_token:
+        auth_token, _ = resolve_secret(args.auth_token, env)
+    public_url = args.public_url or public_url or args.url
+    if not public_url:
+        raise ValueError("give --config, --public-url or --url")
+    if not auth_token:
+        raise ValueError("no Auth Token: give --config or --auth-token")
+    if args.calls < 1:
+        raise ValueError("--calls must be at least 1")
+    if args.stagger < 0:
+        raise ValueError("--stagger must not be negative")
+    target = GatewayTarget(
+        public_url=public_url, auth_token=auth_token, url=args.url,
+        voice_path=args.voice_path or voice_path, status_path=args.status_path or status_path,
+        account_sid=args.account_sid or account_sid or DEFAULT_ACCOUNT_SID)
+    interrupting = args.interrupt_at is not None
+    if args.interrupt_audio and not interrupting:
+        raise ValueError("--interrupt-audio needs --interrupt-at")
+    scenario = CallScenario(
+        caller=args.caller,
+        called=args.called,
+        audio=_clip(args.audio, _DEFAULT_CALLER_CLIP, required=False),
+        audio_at_ms=round(args.audio_at * 1000),
+        duration_ms=round(args.duration * 1000),
+        hangup_after_ms=_seconds_to_ms(args.hangup_after),
+        interrupt_audio=_clip(args.interrupt_audio, _DEFAULT_INTERRUPT_CLIP, required=False)
+        if interrupting else None,
+        interrupt_at_ms=_seconds_to_ms(args.interrupt_at),
+        drop=args.drop,
+        record_path=args.record,
+        record_format=args.record_format,
+        utterance_gap_ms=args.utterance_gap_ms,
+    )
+    return RunPlan(target, scenario, args.calls, args.stagger, args.json)
+
+
+async def _run(reactor: Any, plan: RunPlan) -> None:
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = _HTTP_CONNECTIONS_PER_HOST
+    media_clock = MediaClock(reactor)
+    reports = await run_calls(
+        plan.scenario, plan.target, clock=reactor, http=HTTPClient(Agent(reactor, pool=pool)),
+        connect_socket=network_connector(reactor), calls=plan.calls, stagger_s=plan.stagger_s,
+        media_clock=media_clock)
+    await pool.closeCachedConnections()
+    summary = summarize(reports, media_clock.max_tick_interval_ms)
+    if plan.json:
+        sys.stdout.write(to_json(reports, summary).decode("utf-8") + "\n")
+    else:
+        sys.stdout.write(render_text(reports, summary,
+                                     brief=len(reports) > _BRIEF_ABOVE_CALLS) + "\n")
+    sys.stdout.flush()
+    if not all(report.ok for report in reports):
+        raise SystemExit(1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: parse, check, run the calls on the reactor, exit."""
+    args = parse_arguments(argv)
+    try:
+        plan = plan_run(args)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except (ValueError, WavError) as error:
+        print(f"vapi-gateway-sim: {error}", file=sys.stderr)
+        return 2
+    from twisted.internet.task import react
+
+    react(_run, (plan,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
