@@ -183,6 +183,9 @@ class GatewaySettings:
     drain_timeout: float = option(
         30.0, "seconds active calls may run on after SIGTERM", minimum=0, maximum=86400
     )
+    drain_grace: float = option(
+        2.0, "after the drain's last call ended, seconds the port stays open for Twilio's "
+        "status callbacks of those calls", minimum=0, maximum=60)
     health_path: str = option("/health", "liveness route", check=check_path)
     ready_path: str = option("/ready", "readiness route", check=check_path)
 

@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
@@ -185,7 +186,11 @@ class GatewayService(MultiService):
         timeout = self.settings.gateway.drain_timeout
         self.notifier.notify("STOPPING=1", f"STATUS={self.status_line()}")
         log.info("draining", active_calls=len(registry), drain_timeout=timeout)
+        had_calls = len(registry) > 0
         finished = yield _within(registry.when_empty(), timeout, self.clock)
+        if finished and had_calls and self.settings.gateway.drain_grace:
+            # the calls' status callbacks are still on their way
+            yield deferLater(self.clock, self.settings.gateway.drain_grace, lambda: None)
         if not finished:
             log.warning("drain timeout: ending remaining calls", active_calls=len(registry))
             ended = yield _within(registry.end_all("drain-timeout"), END_GRACE_SECONDS,

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--audio", caller_clip(), "--duration", str(args.duration),
                    "--record", str(recording)]
         print(f"2. one simulated call: {' '.join(command)}\n")
-        sim = subprocess.run(command, text=True, capture_output=True, env=os.environ.copy(),
+        sim = subprocess.run(command, check=False, text=True, capture_output=True,
+                             env=os.environ.copy(),
                              timeout=args.duration + 60)
         print(sim.stdout.rstrip())
         if sim.stderr.strip():

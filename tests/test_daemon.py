@@ -105,6 +105,9 @@ def test_drain_waits_for_calls_then_closes_the_port() -> None:
     reactor.advance(29)
     assert not done.called and call.causes == []
     call.finish()
+    reactor.advance(1.9)  # the port stays open for the calls' status callbacks
+    assert not done.called and gateway.service.listener.port is not None
+    reactor.advance(0.1)
     assert done.called
     assert reactor.getDelayedCalls() == []
     assert gateway.service.listener.port is None

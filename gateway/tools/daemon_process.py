@@ -70,6 +70,7 @@ class DaemonProcess:
                  extra_args: tuple[str, ...] = (), workdir: str | None = None,
                  pass_fds: tuple[int, ...] = (), argv_prefix: tuple[str, ...] = ()) -> None:
         self.workdir = workdir or tempfile.mkdtemp(prefix="vapi-gateway-")
+        os.makedirs(self.workdir, exist_ok=True)
         self.config_path = os.path.join(self.workdir, "gateway.ini")
         Path(self.config_path).write_text(config_text, encoding="utf-8")
         self.env = dict(os.environ if env is None else env)
