@@ -159,8 +159,8 @@ class GatewayMetrics:
     def auth_failure(self, route: str) -> None:
         self.auth_failures.labels(bounded_label(route, self._routes)).inc()
 
-    def twilio_violation(self, kind: str) -> None:
-        self.violations.labels(bounded_label(kind, self._kinds)).inc()
+    def twilio_violation(self, kind: str, count: int = 1) -> None:
+        self.violations.labels(bounded_label(kind, self._kinds)).inc(count)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -44,6 +44,7 @@ that route to the Klein app.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final, Protocol
 
 import txaio
@@ -229,6 +230,10 @@ class MediaStreamProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N803
         self._closing = True
         self._cancel_start_timer()
+        count = self._server.count_violations
+        if count is not None:
+            for kind, n in self._stream.stats.violations.items():
+                count(kind.value, n)
         session, self._session = self._session, None
         if self._opened:
             self._call_log.info(
@@ -374,6 +379,7 @@ class MediaStreamFactory(WebSocketServerFactory):
         clock: IReactorTime,
         start_timeout: float = START_TIMEOUT_SECONDS,
         outbound: OutboundStreams | None = None,
+        count_violations: Callable[[str, int], None] | None = None,
     ) -> None:
         twilio = settings.twilio
         self.public_stream_url: Final = stream_url(settings)
@@ -397,6 +403,7 @@ class MediaStreamFactory(WebSocketServerFactory):
         self.clock: Final = clock
         self.start_timeout: Final = start_timeout
         self.outbound: Final = outbound
+        self.count_violations: Final = count_violations
 
     def __repr__(self) -> str:
         return f"<MediaStreamFactory {self.media_path}>"
@@ -425,12 +432,14 @@ def media_stream_factory(
     clock: IReactorTime,
     start_timeout: float = START_TIMEOUT_SECONDS,
     outbound: OutboundStreams | None = None,
+    count_violations: Callable[[str, int], None] | None = None,
 ) -> MediaStreamFactory:
     """The Media Streams server factory (serve it with :meth:`MediaStreamFactory.register`
     or ``autobahn.twisted.resource.WebSocketResource(factory)`` at ``media_path``).
 
     ``outbound`` (the pending outbound calls of the admin API) lets streams that carry
-    ``outboundRef`` start; without it they are refused."""
+    ``outboundRef`` start; without it they are refused.  ``count_violations(kind, n)``
+    hears each closed stream's protocol violations (metrics)."""
     return MediaStreamFactory(
         settings,
         validator=validator,
@@ -439,4 +448,5 @@ def media_stream_factory(
         clock=clock,
         start_timeout=start_timeout,
         outbound=outbound,
+        count_violations=count_violations,
     )

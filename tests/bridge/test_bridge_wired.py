@@ -461,3 +461,19 @@ def test_metrics_count_refusals_and_auth_failures() -> None:
     assert values["vapi_gateway_webhook_requests_total{route=twilio-voice,status=403}"] == 2
     assert values["vapi_gateway_admissions_refused_total{reason=draining}"] == 1
     rig.stop()
+
+
+def test_metrics_count_twilio_protocol_violations() -> None:
+    rig = Rig()
+    TXAIO.config.loop = rig.clock
+    twilio = rig.open_stream(rig.voice_webhook())
+    twilio.sendMessage(b"{not json")
+    twilio.send("media", media={"payload": "***"})  # bad base64
+    rig.flush()
+    twilio.send("stop", stop={"accountSid": "AC" + "0" * 32, "callSid": CALL_SID})
+    rig.advance(0.2)
+    values = scrape(rig)
+    assert values["vapi_gateway_twilio_protocol_violations_total{kind=malformed-json}"] == 1
+    assert values["vapi_gateway_twilio_protocol_violations_total{kind=bad-base64}"] == 1
+    rig.advance(6)
+    rig.stop()
