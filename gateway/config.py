@@ -434,8 +434,17 @@ class RecordingSettings:
     directory: str = option("/var/lib/vapi-gateway/recordings",
                             "where recordings go, one {CallSid}.wav per call")
     flush_interval: float = option(
-        1.0, "seconds between disk writes (a crash loses at most this much)",
+        0.8, "seconds between disk writes; a crash loses at most this plus caller_late_ms",
         minimum=0.1, maximum=60)
+    caller_late_ms: int = option(
+        200, "caller audio may arrive this late and still be placed where it was spoken",
+        minimum=0, maximum=2000)
+    writer_threads: int = option(2, "threads doing the recordings' disk I/O", minimum=1,
+                                 maximum=16)
+    max_backlog_seconds: float = option(
+        30.0, "if the disk falls this far behind, recording stops for that call",
+        minimum=1, maximum=600)
+    fsync_on_close: bool = option(True, "fsync each recording when its call ends")
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,12 @@ listening port and lets the reactor stop.
 
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 from klein import Klein
@@ -34,6 +36,7 @@ from gateway import __version__
 from gateway.admin import AdminApi
 from gateway.admission import Admission
 from gateway.bridge.outbound import OutboundCalls
+from gateway.bridge.recording import RecordingWriter
 from gateway.bridge.registry import CallRegistry, InMemoryCallRegistry
 from gateway.bridge.switchboard import PlayoutClock, Switchboard
 from gateway.config import Settings
@@ -253,10 +256,11 @@ def build_gateway(settings: Settings, reactor: IReactorCore,
     if api_url == "local":
         local, api_url = _start_local_assistant(settings, reactor, api_key)
     twilio_rest = _twilio_rest(settings, http, clock)
+    recordings = _recording_writer(settings, reactor)
     switchboard = Switchboard(settings, registry, admission, clock,
                               _vapi_calls(settings, api_url, api_key, http, clock),
                               _link_factory(settings, api_key, clock, connector),
-                              twilio_rest, metrics)
+                              twilio_rest, metrics, recordings)
     metrics.watch(switchboard, lambda: {r.value: n for r, n in admission.refused.items()})
 
     app = Klein()
@@ -287,6 +291,8 @@ def build_gateway(settings: Settings, reactor: IReactorCore,
     listener.setServiceParent(root)
     if local is not None:  # stops after the drain, like the other children
         local.setServiceParent(root)
+    if recordings is not None:  # stops after the drain: every file complete, then exit
+        recordings.setServiceParent(root)
     admin_app = Klein()
     admin_app.route(settings.admin.metrics_path, methods=["GET"])(
         lambda request: _metrics_body(request, metrics))
@@ -340,6 +346,26 @@ def _start_local_assistant(settings: Settings, reactor: Any, api_key: str
     log.warning("using the LOCAL assistant (api_url = local): calls never reach Vapi",
                 url=local.base_url)
     return local, local.base_url
+
+
+def _recording_writer(settings: Settings, reactor: Any) -> RecordingWriter | None:
+    """[recording] enabled: the writer, after checking its folder is usable now."""
+    recording = settings.recording
+    if not recording.enabled:
+        return None
+    folder = Path(recording.directory)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ListenFailed(f"vapi-gateway: [recording] directory {folder}: {exc.strerror}"
+                           ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ListenFailed(f"vapi-gateway: [recording] directory {folder}: not writable")
+    return RecordingWriter(folder, flush_interval_s=recording.flush_interval,
+                           caller_late_ms=recording.caller_late_ms,
+                           max_backlog_s=recording.max_backlog_seconds,
+                           fsync_on_close=recording.fsync_on_close,
+                           threads=recording.writer_threads, reactor=reactor)
 
 
 def _vapi_calls(settings: Settings, api_url: str, api_key: str, http: Any,

@@ -45,6 +45,7 @@ from gateway.audio.playout import (
     SendMedia,
 )
 from gateway.audio.resample import PcmToTwilio, TwilioToPcm
+from gateway.bridge.recording import CallRecorder
 from gateway.config import BridgeSettings
 from gateway.logs import get_logger
 from gateway.twilio.stream import Audio, Started
@@ -173,6 +174,8 @@ class SessionHooks(Protocol):
 
     def barge_in(self, reaction_s: float, queued_s: float) -> None: ...
 
+    def start_recording(self, session: CallSession) -> CallRecorder | None: ...
+
 
 class CallSession:
     """One phone call, from the voice webhook to the end of both legs."""
@@ -193,6 +196,7 @@ class CallSession:
         self.stream: MediaSocket | None = None
         self.stream_sid: str | None = None
         self.link: VapiLink | None = None
+        self.recording: CallRecorder | None = None
         self._creating: Deferred[CreatedCall] | None = None
         self._ended: Deferred[None] | None = None
         self._done_waiters: list[Deferred[None]] = []
@@ -353,8 +357,12 @@ class CallSession:
         if previous is not None:
             self.log.warning("a second stream replaces the first")
             previous.close(1000, "replaced by a newer stream for the same call")
+            if self.recording is not None:  # what the old stream still queued was not heard
+                self.recording.cleared(now)
             # Twilio's queue belonged to the old stream; what we still hold plays on the new
             self.playout.restart(now, keep_buffered=True)
+        elif self.recording is None:
+            self.recording = self._hooks.start_recording(self)
         self.state = "streaming"
         self._stream_started_ns = now
         self._last_media_ns = now
@@ -363,6 +371,8 @@ class CallSession:
     def on_stream_audio(self, audio: Audio) -> None:
         now = self._now_ns()
         self._last_media_ns = now
+        if self.recording is not None:
+            self.recording.caller(audio.payload, now, audio.timestamp_ms)
         gap = audio.gap_frames - self._keepalive_frames_since_media
         self._keepalive_frames_since_media = 0
         if gap > 0:
@@ -422,25 +432,36 @@ class CallSession:
         stream = self.stream
         if stream is None:
             return
+        recording = self.recording
+        # where the next frame will play: after what Twilio already holds
+        play_at = now + self.playout.queued_at_twilio_ns(now) if recording is not None else 0
         for action in self.playout.tick(now):
             if type(action) is SendMedia:
                 stream.send_media(action.payload)
+                if recording is not None:
+                    recording.assistant(action.payload, play_at)
+                    play_at += FRAME_NS
                 if self.counters.first_downlink_ms is None:
                     self.counters.first_downlink_ms = (now - self._stream_started_ns) / NS_PER_MS
             elif type(action) is SendMark:
                 stream.send_mark(action.name)
             elif type(action) is SendClear:
                 stream.send_clear()
+                if recording is not None:
+                    recording.cleared(now)
 
     def _barge_in(self, signal: str) -> None:
         started = time.perf_counter_ns()
-        report = self.playout.barge_in(self._now_ns())
+        now = self._now_ns()
+        report = self.playout.barge_in(now)
         if self._from_vapi is not None:
             self._from_vapi.reset()
         if self.stream is not None:
             for action in report.actions:
                 if isinstance(action, SendClear):
                     self.stream.send_clear()
+                    if self.recording is not None:
+                        self.recording.cleared(now)
         reaction_us = (time.perf_counter_ns() - started) / 1000
         if report.repeated:
             return
@@ -458,6 +479,8 @@ class CallSession:
         """The playout clock's 20 ms tick: deadlines, keep-alive and playout."""
         if self.ended:
             return
+        if self.recording is not None:
+            self.recording.tick(now)
         if self.stream is None:
             if self.state == "awaiting-stream" and now >= self._stream_deadline_ns:
                 self.end("stream-never-arrived")
@@ -524,6 +547,8 @@ class CallSession:
                 waits.append(hanging)
         if stream is not None:
             stream.close(1000, f"call ended: {cause}")
+        if self.recording is not None:  # finished off the reactor; teardown never waits
+            self.recording.close(self._now_ns())
         self._hooks.session_ended(self)
         self._log_summary(cause, previous_state)
         done: Deferred[None] = DeferredList(waits, consumeErrors=True).addCallback(

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from gateway.admission import Admission
 from gateway.bridge.outbound import OutboundCall, outbound_variables
+from gateway.bridge.recording import CallRecorder, RecordingWriter
 from gateway.bridge.registry import CallRegistry
 from gateway.bridge.session import (
     CallInfo,
@@ -71,8 +72,8 @@ class Switchboard:
 
     def __init__(self, settings: Settings, registry: CallRegistry, admission: Admission,
                  clock: IReactorTime, vapi_calls: VapiCalls, link_factory: LinkFactory,
-                 twilio_rest: TwilioHangup | None, metrics: GatewayMetrics | None = None
-                 ) -> None:
+                 twilio_rest: TwilioHangup | None, metrics: GatewayMetrics | None = None,
+                 recordings: RecordingWriter | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.admission = admission
@@ -81,6 +82,7 @@ class Switchboard:
         self._link_factory = link_factory
         self._twilio_rest = twilio_rest
         self.metrics = metrics if metrics is not None else GatewayMetrics()
+        self._recordings = recordings
         self._sessions: dict[str, CallSession] = {}
         self._by_vapi_call: dict[str, CallSession] = {}
         self._outbound: dict[str, OutboundCall] = {}  # CallSid → how it was placed
@@ -252,6 +254,11 @@ class Switchboard:
 
     def barge_in(self, reaction_s: float, queued_s: float) -> None:
         self.metrics.barge_in(reaction_s, queued_s)
+
+    def start_recording(self, session: CallSession) -> CallRecorder | None:
+        if self._recordings is None:
+            return None
+        return self._recordings.recorder(session.call_sid, call_log=session.log)
 
     # -- the clock ---------------------------------------------------------------------------------
 

@@ -564,3 +564,56 @@ def test_a_failing_session_tick_ends_only_that_call() -> None:
     assert bad.cause == "internal-error" and not good.ended
     good.end("test")
     h.assert_clean()
+
+
+class FakeRecorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def caller(self, payload: bytes, at_ns: int, timestamp_ms: int | None = None) -> None:
+        self.events.append(("caller", (at_ns, timestamp_ms)))
+
+    def assistant(self, payload: bytes, play_at_ns: int) -> None:
+        self.events.append(("assistant", play_at_ns))
+
+    def cleared(self, at_ns: int) -> None:
+        self.events.append(("cleared", at_ns))
+
+    def tick(self, now_ns: int) -> None:
+        pass
+
+    def close(self, at_ns: int | None = None) -> Deferred[None]:
+        self.events.append(("close", at_ns))
+        return succeed(None)
+
+
+class FakeRecordings:
+    def __init__(self) -> None:
+        self.recorders: list[FakeRecorder] = []
+
+    def recorder(self, call_sid: str, call_log: Any = None) -> FakeRecorder:
+        self.recorders.append(FakeRecorder())
+        return self.recorders[-1]
+
+
+def test_recording_sees_caller_frames_assistant_play_times_clears_and_the_end() -> None:
+    h = Harness()
+    recordings = FakeRecordings()
+    h.board._recordings = recordings  # type: ignore[assignment]
+    session, _ = h.call()
+    (rec,) = recordings.recorders
+    now = h.board.now_ns()
+    session.on_stream_audio(audio(ts=40))
+    last: Any = rec.events[-1]
+    assert last == ("caller", (now, 40))
+    session.on_link_audio(b"\x20" * FRAME * 10)
+    plays = [at for kind, at in rec.events if kind == "assistant"]
+    # the lead goes out at once and plays back to back from now
+    assert plays == [now + i * 20_000_000 for i in range(4)]
+    session.on_link_event(UserInterrupted())
+    last = rec.events[-1]
+    assert last == ("cleared", now)
+    session.end("test")
+    last = rec.events[-1]
+    assert last[0] == "close"
+    h.assert_clean()

@@ -9,6 +9,7 @@ no process is left behind.
 
 from __future__ import annotations
 
+import array
 import json
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -256,3 +258,24 @@ def test_sigterm_lets_active_calls_finish_and_refuses_new_ones(
     causes = sorted(e["cause"] for e in gw.events("call ended"))
     assert causes == ["twilio-stop", "twilio-stop"]
     gw.assert_vapi_calls_ended()
+
+
+def test_a_recording_of_what_the_caller_heard(gateways: list[Gateway], tmp_path: Path) -> None:
+    folder = tmp_path / "recordings"
+    gw = start(gateways, tmp_path, recording={"enabled": "true", "directory": str(folder)})
+    call = only_call(gw.call("+15550100002", "--duration", "4"))
+    assert gw.daemon.terminate(30) == 0
+    with wave.open(str(folder / f"{call['call_sid']}.wav")) as recording:
+        assert recording.getnchannels() == 2  # caller left, assistant right
+        assert recording.getsampwidth() == 2 and recording.getframerate() == 8000
+        seconds = recording.getnframes() / 8000
+        frames = recording.readframes(recording.getnframes())
+    assert 3.5 <= seconds <= 4.5
+    samples = array.array("h", frames)
+    caller, assistant = samples[0::2], samples[1::2]
+    assert max(abs(s) for s in caller) > 1000  # the caller clip is on the left
+    heard = [i for i in range(0, len(assistant), 160) if max(assistant[i:i + 160]) > 1000]
+    assert heard, "the assistant is on the right"
+    # the assistant was cut off by the barge-in: nothing of it after the clear
+    clear_at = call["clears"]["samples"][0]["at_ms"]
+    assert heard[-1] / 8 <= clear_at + 40
