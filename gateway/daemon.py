@@ -275,7 +275,8 @@ def build_gateway(settings: Settings, reactor: IReactorCore,
                  admission=admission, calls=switchboard, clock=clock).register(app)
     media_stream_factory(settings, validator=validator, tokens=tokens, calls=switchboard,
                          clock=clock, outbound=outbound,
-                         count_violations=metrics.twilio_violation).register(app)
+                         count_violations=metrics.twilio_violation,
+                         count_auth_failure=metrics.auth_failure).register(app)
     VapiRoutes(settings, calls=switchboard, clock=clock).register(app)
     if not twilio.validate_signatures:
         log.warning("Twilio signature validation is OFF ([twilio] validate_signatures = "

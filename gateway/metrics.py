@@ -74,7 +74,7 @@ TRAFFIC = {
     "reconnects": ("vapi_link_reconnects_total", {}, "Vapi call-socket reconnect attempts"),
     "link_give_ups": ("vapi_link_give_ups_total", {}, "Vapi links given up after reconnects"),
     "vapi_violations": ("protocol_violations_total", {"leg": "vapi", "kind": "bad-frame"},
-                        "bad input from a leg"),
+                        "bad input from a leg, by leg and kind"),
 }
 
 
@@ -109,9 +109,6 @@ class GatewayMetrics:
         self.auth_failures = Counter(
             f"{PREFIX}_auth_failures", "signature and authentication failures, by route",
             ["route"], registry=r)
-        self.violations = Counter(
-            f"{PREFIX}_twilio_protocol_violations", "Twilio Media Streams protocol violations",
-            ["kind"], registry=r)
         self.reactor_lag = Histogram(
             f"{PREFIX}_reactor_lag_seconds", "how late a 100 ms LoopingCall fires",
             buckets=LAG_BUCKETS_S, registry=r)
@@ -119,6 +116,7 @@ class GatewayMetrics:
         self._kinds: set[str] = set()
         self._routes: set[str] = set()
         self.ended_traffic: dict[str, float] = dict.fromkeys(TRAFFIC, 0.0)
+        self.twilio_violations: dict[str, int] = {}
         self._calls: LiveCalls | None = None
         self._refusals: Callable[[], dict[str, int]] | None = None
 
@@ -160,7 +158,8 @@ class GatewayMetrics:
         self.auth_failures.labels(bounded_label(route, self._routes)).inc()
 
     def twilio_violation(self, kind: str, count: int = 1) -> None:
-        self.violations.labels(bounded_label(kind, self._kinds)).inc(count)
+        label = bounded_label(kind, self._kinds)
+        self.twilio_violations[label] = self.twilio_violations.get(label, 0) + count
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
@@ -200,6 +199,9 @@ class _ScrapeTimeCollector(Collector):
                 family = families[name] = CounterMetricFamily(
                     f"{PREFIX}_{name.removesuffix('_total')}", doc, labels=list(labels))
             family.add_metric(list(labels.values()), totals[key])
+        violations = families["protocol_violations_total"]
+        for kind, count in sorted(metrics.twilio_violations.items()):
+            violations.add_metric(["twilio", kind], count)
         yield from families.values()
         for name, values, doc in (("playout_lead_ms", leads, "audio queued at Twilio, ms"),
                                   ("buffer_depth_ms", depths, "assistant audio held, ms")):

@@ -196,6 +196,8 @@ class MediaStreamProtocol(WebSocketServerProtocol):
             )
             if not check.ok:
                 self._call_log.warning("media socket refused: bad signature", reason=check.reason)
+                if server.count_auth_failure is not None:
+                    server.count_auth_failure("twilio-media")
                 raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "forbidden")
         else:
             self._call_log.warning(
@@ -380,6 +382,7 @@ class MediaStreamFactory(WebSocketServerFactory):
         start_timeout: float = START_TIMEOUT_SECONDS,
         outbound: OutboundStreams | None = None,
         count_violations: Callable[[str, int], None] | None = None,
+        count_auth_failure: Callable[[str], None] | None = None,
     ) -> None:
         twilio = settings.twilio
         self.public_stream_url: Final = stream_url(settings)
@@ -404,6 +407,7 @@ class MediaStreamFactory(WebSocketServerFactory):
         self.start_timeout: Final = start_timeout
         self.outbound: Final = outbound
         self.count_violations: Final = count_violations
+        self.count_auth_failure: Final = count_auth_failure
 
     def __repr__(self) -> str:
         return f"<MediaStreamFactory {self.media_path}>"
@@ -433,13 +437,15 @@ def media_stream_factory(
     start_timeout: float = START_TIMEOUT_SECONDS,
     outbound: OutboundStreams | None = None,
     count_violations: Callable[[str, int], None] | None = None,
+    count_auth_failure: Callable[[str], None] | None = None,
 ) -> MediaStreamFactory:
     """The Media Streams server factory (serve it with :meth:`MediaStreamFactory.register`
     or ``autobahn.twisted.resource.WebSocketResource(factory)`` at ``media_path``).
 
     ``outbound`` (the pending outbound calls of the admin API) lets streams that carry
     ``outboundRef`` start; without it they are refused.  ``count_violations(kind, n)``
-    hears each closed stream's protocol violations (metrics)."""
+    hears each closed stream's protocol violations and ``count_auth_failure(route)`` each
+    upgrade refused for its signature (metrics)."""
     return MediaStreamFactory(
         settings,
         validator=validator,
@@ -449,4 +455,5 @@ def media_stream_factory(
         start_timeout=start_timeout,
         outbound=outbound,
         count_violations=count_violations,
+        count_auth_failure=count_auth_failure,
     )

@@ -473,7 +473,26 @@ def test_metrics_count_twilio_protocol_violations() -> None:
     twilio.send("stop", stop={"accountSid": "AC" + "0" * 32, "callSid": CALL_SID})
     rig.advance(0.2)
     values = scrape(rig)
-    assert values["vapi_gateway_twilio_protocol_violations_total{kind=malformed-json}"] == 1
-    assert values["vapi_gateway_twilio_protocol_violations_total{kind=bad-base64}"] == 1
+    assert values["vapi_gateway_protocol_violations_total{kind=malformed-json,leg=twilio}"] == 1
+    assert values["vapi_gateway_protocol_violations_total{kind=bad-base64,leg=twilio}"] == 1
+    assert values["vapi_gateway_protocol_violations_total{kind=bad-frame,leg=vapi}"] == 0
+    rig.advance(6)
+    rig.stop()
+
+
+def test_a_refused_upgrade_counts_as_an_auth_failure() -> None:
+    rig = Rig()
+    TXAIO.config.loop = rig.clock
+    factory = WebSocketClientFactory(PUBLIC.replace("http", "ws") + "/twilio/media",
+                                     headers={"X-Twilio-Signature": "forged="})
+    factory.protocol = TwilioSocket
+    client = factory.buildProtocol(None)
+    server = rig.gateway.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5556))
+    rig.pumps.append(iosim.connect(server, iosim.FakeTransport(server, isServer=True),
+                                   client, iosim.FakeTransport(client, isServer=False),
+                                   greet=False, clock=rig.clock))
+    rig.advance(0.1)
+    values = scrape(rig)
+    assert values["vapi_gateway_auth_failures_total{route=twilio-media}"] == 1
     rig.advance(6)
     rig.stop()
