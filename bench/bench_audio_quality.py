@@ -26,10 +26,8 @@ too ("file"), as a second opinion on the baseline.  Needs numpy, scipy, pesq.
 
 from __future__ import annotations
 
-import struct
 import sys
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -39,36 +37,24 @@ from scipy.signal import resample_poly
 
 from gateway.audio import mulaw
 from gateway.audio.resample import PcmToTwilio, TwilioToPcm
+from gateway.audio.wav import read_wav
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 def read_pcm16(path: Path) -> npt.NDArray[np.int16]:
-    with wave.open(str(path)) as wav:
-        if (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) != (1, 2, 16000):
-            raise ValueError(f"{path}: expected mono 16-bit 16 kHz PCM")
-        return np.frombuffer(wav.readframes(wav.getnframes()), "<i2").astype(np.int16)
+    clip = read_wav(path)
+    if (clip.encoding, clip.sample_rate) != ("pcm_s16le", 16000):
+        raise ValueError(f"{path}: expected mono 16-bit 16 kHz PCM")
+    return clip.samples()
 
 
 def read_mulaw_wav(path: Path) -> bytes:
-    """The data chunk of a WAVE file with format tag 7 (mu-law); the stdlib cannot read it."""
-    blob = path.read_bytes()
-    if blob[:4] != b"RIFF" or blob[8:12] != b"WAVE":
-        raise ValueError(f"{path}: not a WAVE file")
-    position = 12
-    format_tag = None
-    while position + 8 <= len(blob):
-        chunk_id = blob[position : position + 4]
-        (size,) = struct.unpack("<I", blob[position + 4 : position + 8])
-        body = blob[position + 8 : position + 8 + size]
-        if chunk_id == b"fmt ":
-            format_tag, channels, rate = struct.unpack("<HHI", body[:8])
-            if (format_tag, channels, rate) != (7, 1, 8000):
-                raise ValueError(f"{path}: expected mono 8 kHz mu-law")
-        elif chunk_id == b"data" and format_tag == 7:
-            return body
-        position += 8 + size + (size & 1)
-    raise ValueError(f"{path}: no mu-law data chunk")
+    """The audio of a mono 8 kHz mu-law WAVE file."""
+    clip = read_wav(path)
+    if (clip.encoding, clip.sample_rate) != ("mulaw", 8000):
+        raise ValueError(f"{path}: expected mono 8 kHz mu-law")
+    return clip.data
 
 
 def to_int16(samples: npt.NDArray[np.float64]) -> npt.NDArray[np.int16]:

@@ -121,6 +121,8 @@ def parse_place_call(body: bytes) -> PlaceCallRequest:
         raise BadRequestError("the body is not UTF-8") from None
     except json.JSONDecodeError as error:
         raise BadRequestError(f"the body is not JSON: {error.msg} at {error.pos}") from None
+    except RecursionError:
+        raise BadRequestError("the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequestError("the body must be a JSON object")
     unknown = sorted(set(data) - _FIELDS)

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from gateway.tools import packaged_clip
 from gateway.tools.daemon_process import DaemonProcess, config_with, free_port
 
 DEMO_NUMBER = "+15550100200"
@@ -35,7 +36,7 @@ def caller_clip() -> str:
         shared = Path.cwd().parent / "shared" / "audio" / "caller_8k_ulaw.wav"
     if shared.exists():
         return str(shared)
-    return str(Path(__file__).resolve().parent / "tools" / "clips" / "caller_8k_ulaw.wav")
+    return str(packaged_clip("caller"))
 
 
 def main(argv: list[str] | None = None) -> int:

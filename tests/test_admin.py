@@ -13,16 +13,15 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import parse_qs
 
 import known_secrets
 import pytest
-import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from ini import minimal_ini
+from inmemory import pipe, txaio_on
 from klein import Klein
 from treq.testing import StubTreq
 from twilio.request_validator import RequestValidator
@@ -73,7 +72,6 @@ CALL_SID = "CA" + "1" * 32
 OTHER_CALL_SID = "CA" + "9" * 32
 STREAM_SID = "MZ" + "2" * 32
 NOW = 1_700_000_000.0
-TXAIO: Any = txaio  # txaio's type stubs omit config
 
 
 # -- fakes: Vapi, its links, the Twilio media socket, Twilio's REST API --------------------
@@ -293,16 +291,6 @@ class AdminRig:
         return session, stream
 
 
-@contextmanager
-def txaio_on(clock: Clock) -> Iterator[None]:
-    saved = TXAIO.config.loop
-    TXAIO.config.loop = clock
-    try:
-        yield
-    finally:
-        TXAIO.config.loop = saved
-
-
 # -- Twilio's end of an outbound call's media socket -----------------------------------------
 
 
@@ -334,9 +322,7 @@ def open_stream(rig: AdminRig) -> TwilioStream:
     server = rig.media_site.buildProtocol(IPv4Address("TCP", "10.0.0.9", 40000))
     assert server is not None
     client = cast(TwilioSide, factory.buildProtocol(None))
-    pump = iosim.connect(server, iosim.FakeTransport(server, isServer=True), client,
-                         iosim.FakeTransport(client, isServer=False), greet=False,
-                         clock=rig.clock)
+    pump = pipe(server, client, rig.clock)
     pump.flush()
     return TwilioStream(client, pump)
 

@@ -62,7 +62,15 @@ from gateway.vapi.codec import (
     Transcript,
     UserInterrupted,
 )
-from gateway.vapi.link import LinkClosedReason, LinkFailure, LinkState, Open
+from gateway.vapi.link import (
+    Connecting,
+    Failed,
+    LinkClosedReason,
+    LinkFailure,
+    LinkState,
+    Open,
+    Reconnecting,
+)
 
 log = get_logger("gateway.bridge")
 
@@ -197,6 +205,7 @@ class CallSession:
         self.stream_sid: str | None = None
         self.link: VapiLink | None = None
         self.recording: CallRecorder | None = None
+        self._created: CreatedCall | None = None
         self._creating: Deferred[CreatedCall] | None = None
         self._ended: Deferred[None] | None = None
         self._done_waiters: list[Deferred[None]] = []
@@ -253,6 +262,7 @@ class CallSession:
             self._hooks.end_orphan(created)
             return
         self.vapi_call_id = created.call_id
+        self._created = created
         self.log = self.log.bind(vapi_call_id=created.call_id)
         self.log.info("vapi call created",
                       setup_ms=round((self._now_ns() - self.created_ns) / NS_PER_MS, 1))
@@ -533,7 +543,12 @@ class CallSession:
         link, self.link = self.link, None
         if link is not None:
             self._retire_link(link)
+            unreachable = isinstance(link.state, (Connecting, Reconnecting, Failed))
             waits.append(link.stop())  # end-call exactly once, then close
+            if unreachable and self._created is not None:
+                # the socket was (re)connecting, so stop could not send end-call: end
+                # that Vapi call over a socket of its own rather than leave it billing
+                self._hooks.end_orphan(self._created)
         # a Vapi call still being created is ended when it arrives (_vapi_call_created)
         stream, self.stream = self.stream, None
         # The caller hears the TwiML fallback when the socket closes; a call ended on

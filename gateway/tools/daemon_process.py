@@ -63,6 +63,15 @@ def _rebase_files(parser: configparser.ConfigParser, folder: Path) -> None:
                 parser.set("routing", number, "file:" + str(folder / value[5:].strip()))
 
 
+def _log_event(line: str) -> dict[str, Any] | None:
+    """One JSON log line (after any journald ``<N>`` prefix) as a dict; None if it is not."""
+    try:
+        value = json.loads(line.lstrip("<0123456789>"))
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 class DaemonProcess:
     """One gateway daemon child process with its own config file."""
 
@@ -101,15 +110,7 @@ class DaemonProcess:
 
     def events(self) -> list[dict[str, Any]]:
         """Every JSON log line written so far, parsed."""
-        out = []
-        for line in self.lines:
-            try:
-                value = json.loads(line.lstrip("<0123456789>"))
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                out.append(value)
-        return out
+        return [event for event in map(_log_event, self.lines) if event is not None]
 
     def wait_for(self, event: str, timeout: float = 20.0) -> dict[str, Any]:
         """Block until the daemon logs ``event`` (JSON format); raise if it exits first."""
@@ -120,11 +121,8 @@ class DaemonProcess:
                 raise TimeoutError(f"no {event!r} log line within {timeout}s") from None
             if line is None:
                 raise RuntimeError(f"daemon exited before {event!r}:\n" + "\n".join(self.lines))
-            try:
-                value = json.loads(line.lstrip("<0123456789>"))
-            except ValueError:
-                continue
-            if isinstance(value, dict) and value.get("event") == event:
+            value = _log_event(line)
+            if value is not None and value.get("event") == event:
                 return value
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:

@@ -267,7 +267,7 @@ class MediaStreamDecoder:
             return self._decoder.decode(frame)
         except msgspec.ValidationError as error:
             return self._explain(frame, error)
-        except (msgspec.DecodeError, RecursionError) as error:
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as error:
             raise MediaStreamProtocolError(
                 ViolationKind.MALFORMED_JSON, _first_line(error)
             ) from None
@@ -285,7 +285,7 @@ class MediaStreamDecoder:
             else:
                 kind = ViolationKind.WRONG_TYPE
             raise MediaStreamProtocolError(kind, _first_line(probe_error)) from None
-        except (msgspec.DecodeError, RecursionError) as probe_error:
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as probe_error:
             raise MediaStreamProtocolError(
                 ViolationKind.MALFORMED_JSON, _first_line(probe_error)
             ) from None

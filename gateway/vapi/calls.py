@@ -336,7 +336,7 @@ class CallCreator:
 def _created_call(content: bytes) -> CreatedCall:
     try:
         answer: object = msgspec.json.decode(content)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         raise BadCallAnswerError("the call is not JSON") from None
     if not isinstance(answer, dict):
         raise BadCallAnswerError("the call is not a JSON object")
@@ -358,7 +358,7 @@ def _rejection(status: int, content: bytes) -> CallRejectedError:
     """Vapi's error body: ``message`` (a string or a list), ``error``, ``subscriptionLimits``."""
     try:
         answer: object = msgspec.json.decode(content)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         answer = None
     if not isinstance(answer, dict):
         return CallRejectedError(status, (), None, None)

@@ -206,7 +206,7 @@ def decode_event(frame: bytes | str) -> CallEvent:
     """
     try:
         decoded: object = msgspec.json.decode(frame)
-    except (msgspec.DecodeError, RecursionError) as error:
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as error:
         # msgspec raises ValidationError (a DecodeError) for out-of-range
         # numbers and RecursionError for very deep nesting.
         raise CallMessageError("malformed-json", str(error)) from None

@@ -82,7 +82,7 @@ def parse_server_message(body: bytes) -> ServerMessage:
     """Parse one webhook body; raises :class:`WebhookBodyError` (only) when unusable."""
     try:
         envelope: object = msgspec.json.decode(body)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         raise WebhookBodyError("body is not valid JSON") from None
     if not isinstance(envelope, dict):
         raise WebhookBodyError("body is not a JSON object")

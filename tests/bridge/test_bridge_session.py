@@ -617,3 +617,17 @@ def test_recording_sees_caller_frames_assistant_play_times_clears_and_the_end() 
     last = rec.events[-1]
     assert last[0] == "close"
     h.assert_clean()
+
+
+@pytest.mark.parametrize("state", [Connecting(0, 1), Reconnecting(2, 1)])
+def test_ending_while_the_link_is_not_open_still_ends_the_vapi_call(state: LinkState) -> None:
+    h = Harness()
+    session, _ = h.call(open_link=False, stream=False)
+    h.vapi.answer()
+    h.links[0].state = state
+    session.end("twilio-status")
+    original, orphan = h.links
+    assert original.messages == []  # it could not send end-call
+    assert orphan.created is original.created and orphan.started  # so a socket of its own
+    assert h.board.orphans_ended == 1
+    h.assert_clean()

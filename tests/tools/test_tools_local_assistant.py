@@ -16,7 +16,6 @@ import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -25,6 +24,7 @@ import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from inmemory import debug_log_events, pipe, result_of, txaio_on
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import reactor as global_reactor
@@ -32,7 +32,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -70,32 +69,11 @@ TRANSPORT = {"provider": "vapi.websocket",
              "audioFormat": {"format": "mulaw", "container": "raw", "sampleRate": 8000}}
 
 
-@contextmanager
-def txaio_on(clock: Clock) -> Iterator[None]:
-    """Run Autobahn's own timers on ``clock``, then restore."""
-    saved = TXAIO.config.loop
-    TXAIO.config.loop = clock
-    try:
-        yield
-    finally:
-        TXAIO.config.loop = saved
-
-
 @pytest.fixture
 def clock() -> Iterator[Clock]:
     clock = Clock()
     with txaio_on(clock):
         yield clock
-
-
-def resolved(d: Deferred[Any]) -> Any:
-    """The result of a Deferred that has fired (raises its failure)."""
-    outcome: list[Any] = []
-    d.addBoth(outcome.append)
-    assert outcome, "the Deferred has not fired"
-    if isinstance(outcome[0], Failure):
-        outcome[0].raiseException()
-    return outcome[0]
 
 
 class RecordingClient(WebSocketClientProtocol):
@@ -160,7 +138,7 @@ class Rig:
 
     def _finish(self, d: Deferred[Any]) -> Any:
         self.http.flush()
-        return resolved(d)
+        return result_of(d)
 
     def create(self, script: str, audio: dict[str, Any] | None = None,
                key: str = API_KEY) -> str:
@@ -172,10 +150,7 @@ class Rig:
 
     def _pipe(self, client: Any) -> None:
         server = self.assistant.site.buildProtocol(None)
-        self.pumps.append(iosim.connect(
-            server, iosim.FakeTransport(server, isServer=True),
-            client, iosim.FakeTransport(client, isServer=False),
-            greet=False, clock=self.clock))
+        self.pumps.append(pipe(server, client, self.clock))
 
     def connect(self, url: str, key: str | None = API_KEY) -> RecordingClient:
         headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
@@ -280,7 +255,7 @@ def _create(rig: Rig, script: str, retries: int = 2, until: float = 30.0) -> Any
     creating = _creator(rig, retries).create_call(AssistantById(f"local:{script}"), MULAW)
     rig.run_until(rig.clock.seconds() + until)
     rig.http.flush()
-    return resolved(creating)
+    return result_of(creating)
 
 
 def test_fail_create_with_5xx_makes_the_gateway_retry_then_give_up(clock: Clock) -> None:
@@ -521,7 +496,7 @@ def test_stop_ends_every_open_call_and_closes_their_sockets(clock: Clock) -> Non
     rig.run_until(1.0)
     stopped = rig.assistant.stop()
     rig.flush()
-    resolved(stopped)
+    result_of(stopped)
     assert first.closed == (True, 1000)
     assert {r.ended_reason for r in rig.assistant.calls.values()} == {"local-assistant-stopped"}
     assert clock.getDelayedCalls() == []
@@ -529,20 +504,12 @@ def test_stop_ends_every_open_call_and_closes_their_sockets(clock: Clock) -> Non
 
 def _debug_logged_call(clock: Clock, api_key: str) -> str:
     """A refused POST, a call and its socket with txaio at debug; the log text."""
-    events: list[dict[str, Any]] = []
-    observer = cast(ILogObserver, events.append)
-    saved = TXAIO.get_global_log_level()
-    TXAIO.set_global_log_level("debug")
-    globalLogPublisher.addObserver(observer)
-    try:
+    with debug_log_events() as events:
         rig = Rig(clock, api_key=api_key)
         rig.post({"assistantId": "local:speak"}, key="wrong-key-0000")
         client = rig.connect(rig.create("speak", key=api_key), key=api_key)
         client.sendMessage(b'{"type":"end-call"}')
         rig.run_until(clock.seconds() + 3.0)
-    finally:
-        globalLogPublisher.removeObserver(observer)
-        TXAIO.set_global_log_level(saved)
     return repr(events)
 
 
@@ -563,11 +530,11 @@ def test_it_listens_only_on_loopback(clock: Clock) -> None:
     public = LocalAssistant(clock, MemoryReactor(), api_key=API_KEY,
                             listen="tcp:0:interface=0.0.0.0")
     with pytest.raises(ValueError, match="not a loopback address"):
-        resolved(public.start())
+        result_of(public.start())
     assert public.base_url is None
     broken = LocalAssistant(clock, MemoryReactor(), api_key=API_KEY, listen="carrier-pigeon:")
     with pytest.raises(ValueError, match="bad listen"):
-        resolved(broken.start())
+        result_of(broken.start())
 
 
 def test_per_call_scripts_may_name_only_known_clips(clock: Clock) -> None:
@@ -656,7 +623,7 @@ def test_interop_the_gateways_clients_run_a_whole_call(clock: Clock) -> None:
     assert ("SpeechUpdate", "user", "started") in kinds
     closed = driver.stop()
     rig.run_until(clock.seconds() + 3)
-    assert resolved(closed) == LinkClosedReason.STOPPED
+    assert result_of(closed) == LinkClosedReason.STOPPED
     assert record.end_call_received and record.message_types() == ["add-message", "end-call"]
     assert record.close_codes == [1000] and record.ended_reason == "customer-ended-call"
     assert rig.assistant.counts().open == 0

@@ -22,9 +22,9 @@ from urllib.parse import parse_qsl
 import known_secrets
 import msgspec
 import pytest
-import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from ini import minimal_ini
+from inmemory import pipe, result_of, txaio_on
 from klein import Klein
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
@@ -86,7 +86,6 @@ LOCAL = "http://127.0.0.1:8080"
 MS = 1_000_000
 FRAME_NS = 20 * MS
 T0 = 1_000 * 1_000_000_000
-TXAIO: Any = txaio  # txaio's type stubs omit config
 TONE = bytes([0x10, 0x90]) * 80  # a loud 160-byte mu-law frame
 QUIET = bytes([0x7E]) * 160  # near-silence that is not 0xFF
 
@@ -98,12 +97,8 @@ QUIET = bytes([0x7E]) * 160  # near-silence that is not 0xFF
 def clock() -> Iterator[Clock]:
     clock = Clock()
     clock.advance(1000)
-    saved = TXAIO.config.loop
-    TXAIO.config.loop = clock  # Autobahn's handshake and close timers
-    try:
+    with txaio_on(clock):
         yield clock
-    finally:
-        TXAIO.config.loop = saved
 
 
 class Network:
@@ -119,12 +114,7 @@ class Network:
         self.addresses.append(address)
         server = self.server_factory()
         client = factory.buildProtocol(None)
-        pump = iosim.connect(
-            server, iosim.FakeTransport(server, isServer=True),
-            client, iosim.FakeTransport(client, isServer=False),
-            greet=False, clock=self.clock,
-        )
-        self.pumps.append(pump)
+        self.pumps.append(pipe(server, client, self.clock))
         return succeed(client)
 
     def flush(self) -> None:
@@ -149,13 +139,6 @@ class Network:
         self.clock.advance(60)
         self.flush()
         assert self.clock.getDelayedCalls() == []
-
-
-def result_of(deferred: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    deferred.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    return results[0]
 
 
 # -- the gateway in memory, with a scripted Vapi ------------------------------------------

@@ -376,3 +376,10 @@ def test_outbound_frames_are_valid_json_for_any_strings(
     assert base64.b64decode(media["media"]["payload"]) == payload
     assert json.loads(encoder.mark(name))["mark"]["name"] == name
     assert json.loads(encoder.clear())["streamSid"] == stream_sid
+
+
+def test_bad_utf8_inside_json_is_the_codecs_error() -> None:
+    # regression: msgspec raises UnicodeDecodeError for invalid UTF-8 in a JSON string
+    with pytest.raises(MediaStreamProtocolError) as info:
+        MediaStreamDecoder().decode(b'{"event": "\xff"}')
+    assert info.value.kind is ViolationKind.MALFORMED_JSON

@@ -12,17 +12,16 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlencode
 
 import known_secrets
 import pytest
-import txaio
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from ini import minimal_ini
+from inmemory import pipe, txaio_on
 from klein import Klein
 from treq.testing import StubTreq
 from twilio.request_validator import RequestValidator
@@ -62,7 +61,6 @@ OTHER_CALL_SID = "CA" + "9" * 32
 STREAM_SID = "MZ" + "2" * 32
 NOW = 1_700_000_000.0
 FRAME = bytes(range(FRAME_BYTES))
-TXAIO: Any = txaio  # txaio's type stubs omit config
 
 
 def make_settings(**twilio: str) -> Settings:
@@ -244,17 +242,6 @@ class FakeCalls:
 # -- the rig ----------------------------------------------------------------------------
 
 
-@contextmanager
-def txaio_on(clock: Clock) -> Iterator[None]:
-    """Run Autobahn's own timers (handshake, close) on ``clock``, then restore."""
-    saved = TXAIO.config.loop
-    TXAIO.config.loop = clock
-    try:
-        yield
-    finally:
-        TXAIO.config.loop = saved
-
-
 @pytest.fixture
 def clock() -> Iterator[Clock]:
     clock = Clock()
@@ -329,18 +316,10 @@ def connect_twilio(
     client_factory.protocol = TwilioSide
     server = site.buildProtocol(IPv4Address("TCP", "10.0.0.9", 40000))
     assert server is not None
-    server_transport = iosim.FakeTransport(server, isServer=True)
     client = cast(TwilioSide, client_factory.buildProtocol(None))
-    pump = iosim.connect(
-        server,
-        server_transport,
-        client,
-        iosim.FakeTransport(client, isServer=False),
-        greet=False,
-        clock=clock,
-    )
+    pump = pipe(server, client, clock)
     pump.flush()
-    return Connection(client, server_transport, pump)
+    return Connection(client, pump.serverIO, pump)
 
 
 class MediaRig:

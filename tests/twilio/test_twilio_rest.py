@@ -9,6 +9,7 @@ from urllib.parse import parse_qs
 
 import known_secrets
 import pytest
+from inmemory import result_of
 from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
@@ -88,15 +89,6 @@ def client(
 def stub(fake: FakeTwilio) -> HTTPClient:
     """StubTreq sets its methods dynamically: tell mypy it is a treq-like client."""
     return cast(HTTPClient, StubTreq(fake))
-
-
-def result_of(deferred: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    deferred.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def not_fired(deferred: Deferred[Any]) -> bool:

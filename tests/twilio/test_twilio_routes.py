@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 import known_secrets
 import pytest
 from ini import minimal_ini
+from inmemory import result_of
 from klein import Klein
 from treq.testing import StubTreq
 from twilio.request_validator import RequestValidator
@@ -183,15 +184,6 @@ class Answer:
 
 def sign(url: str, params: dict[str, str], token: str = AUTH_TOKEN) -> str:
     return str(RequestValidator(token).compute_signature(url, params))
-
-
-def result_of(deferred: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    deferred.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def voice_params(**overrides: str) -> dict[str, str]:

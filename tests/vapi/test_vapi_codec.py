@@ -249,3 +249,11 @@ def test_known_types_with_random_fields_give_an_event_or_the_codec_error(
     event_type: str, fields: dict[str, Any]
 ) -> None:
     _decodes_or_codec_error(json.dumps({**fields, "type": event_type}))
+
+
+@pytest.mark.parametrize(
+    "frame", [b'"\xff"', b'{"type": "\xff"}', b'{"type":"transcript","x":"\xc3"}'])
+def test_bad_utf8_inside_json_is_the_codecs_error(frame: bytes) -> None:
+    # found by the property test: msgspec raises UnicodeDecodeError here
+    with pytest.raises(CallMessageError):
+        decode_event(frame)

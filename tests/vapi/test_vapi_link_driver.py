@@ -12,7 +12,6 @@ import datetime
 import ipaddress
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -26,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from inmemory import debug_log_events, pipe, txaio_on
 from twisted.internet import reactor as global_reactor
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, fail, succeed
@@ -64,17 +64,6 @@ TXAIO: Any = txaio  # txaio's type stubs omit config and the log-level functions
 # A distinctive capability token: tests assert it never reaches a log line.
 SOCKET_TOKEN = "call-7f3e9a-capability-4b1d"
 SOCKET_URL = f"ws://127.0.0.1:9000/{SOCKET_TOKEN}/transport"
-
-
-@contextmanager
-def txaio_on(clock: Clock) -> Iterator[None]:
-    """Run Autobahn's own timers (handshake, close) on ``clock``, then restore."""
-    saved = TXAIO.config.loop
-    TXAIO.config.loop = clock
-    try:
-        yield
-    finally:
-        TXAIO.config.loop = saved
 
 
 class FakeVapiServer(WebSocketServerProtocol):
@@ -148,13 +137,8 @@ class IosimConnector:
         server.answer_pings = self.answer_pings
         server.refuse_with = self.refuse_upgrade_with
         client = factory.buildProtocol(None)
-        pump = iosim.connect(
-            server, iosim.FakeTransport(server, isServer=True),
-            client, iosim.FakeTransport(client, isServer=False),
-            greet=False, clock=self.clock,
-        )
         self.servers.append(server)
-        self.pumps.append(pump)
+        self.pumps.append(pipe(server, client, self.clock))
         return succeed(client)
 
     @property
@@ -540,12 +524,7 @@ def test_stop_before_start(clock: Clock) -> None:
 
 def _debug_logged_run(clock: Clock, api_key: str) -> str:
     """Open, ping, miss a pong, reconnect and stop with txaio at debug; the log text."""
-    events: list[dict[str, Any]] = []
-    observer = cast(ILogObserver, events.append)
-    saved = TXAIO.get_global_log_level()
-    TXAIO.set_global_log_level("debug")
-    globalLogPublisher.addObserver(observer)
-    try:
+    with debug_log_events() as events:
         rig = Rig(clock, answer_pings=False)
         rig.driver._api_key = api_key
         rig.open()
@@ -554,9 +533,6 @@ def _debug_logged_run(clock: Clock, api_key: str) -> str:
         rig.connector.answer_pings = True
         rig.advance(1)
         rig.stop()
-    finally:
-        globalLogPublisher.removeObserver(observer)
-        TXAIO.set_global_log_level(saved)
     return repr(events)
 
 

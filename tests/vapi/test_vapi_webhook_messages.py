@@ -134,3 +134,8 @@ def test_random_messages_parse_or_raise_the_body_error(message_type: str,
 def test_random_bytes_parse_or_raise_the_body_error(raw: bytes) -> None:
     with contextlib.suppress(WebhookBodyError):
         parse_server_message(raw)
+
+
+def test_bad_utf8_inside_json_is_a_body_error() -> None:
+    with pytest.raises(WebhookBodyError):
+        parse_server_message(b'{"message": {"type": "\xff"}}')

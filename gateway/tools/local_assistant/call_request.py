@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import msgspec
 
+from gateway.tools.local_assistant.clips import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 from gateway.tools.local_assistant.script import Script, ScriptError, parse_script
 from gateway.vapi.calls import AudioFormat
 
@@ -107,9 +108,9 @@ def _audio_format(transport: dict[str, Any], problems: list[str]) -> AudioFormat
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate != int(rate):
         problems.append("transport.audioFormat.sampleRate must be a whole number")
         return None
-    if not 8000 <= rate <= 48000:
-        problems.append("transport.audioFormat.sampleRate must be between 8000 and 48000 "
-                        "(the local assistant's range)")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        problems.append("transport.audioFormat.sampleRate must be between "
+                        f"{MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} (the local assistant's range)")
         return None
     return AudioFormat(encoding, int(rate))
 
@@ -144,7 +145,7 @@ def parse_call_request(content: bytes, default_script: Script,
     """Validate a ``POST /call`` body; ``check_clip`` raises ``ValueError`` for a bad clip."""
     try:
         body: object = msgspec.json.decode(content)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         raise CallRequestError(["the body must be JSON"]) from None
     if not isinstance(body, dict):
         raise CallRequestError(["the body must be a JSON object"])

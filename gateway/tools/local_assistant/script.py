@@ -46,6 +46,13 @@ _MAX_MS: Final = 3_600_000
 _MAX_TIMES: Final = 1000
 _NAMES: Final = ("echo", "speak", "interrupt", "stall", "drop", "refuse-reconnect",
                  "fail-create", "silent")
+_TIMED: Final[dict[str, tuple[tuple[str, str], ...]]] = {
+    "echo": (("echo_delay_ms", "echo delay"),),
+    "interrupt": (("interrupt_at_ms", "interrupt offset"),),
+    "stall": (("stall_at_ms", "stall offset"), ("stall_ms", "stall duration")),
+    "drop": (("drop_at_ms", "drop offset"),),
+}
+"""The behaviours whose arguments are times: each argument's field and what it is."""
 
 
 class ScriptError(ValueError):
@@ -137,11 +144,12 @@ def parse_script(text: str) -> Script:
         if times_text is not None and name != "fail-create":
             raise ScriptError(f"only fail-create takes *N, not {name}")
         seen.append(name)
-        if name == "echo":
-            _expect_args(name, args, 1)
-            fields["echo"] = True
-            if args:
-                fields["echo_delay_ms"] = _milliseconds(args[0], "echo delay")
+        if name in _TIMED:
+            timed = _TIMED[name]
+            _expect_args(name, args, len(timed))
+            fields[name] = True
+            for (field, what), value in zip(timed, args, strict=False):
+                fields[field] = _milliseconds(value, what)
         elif name == "speak":
             _expect_args(name, args, 1)
             fields["speak"] = True
@@ -150,23 +158,6 @@ def parse_script(text: str) -> Script:
                 if not all(clips):
                     raise ScriptError("speak needs clip names separated by commas")
                 fields["utterances"] = clips
-        elif name == "interrupt":
-            _expect_args(name, args, 1)
-            fields["interrupt"] = True
-            if args:
-                fields["interrupt_at_ms"] = _milliseconds(args[0], "interrupt offset")
-        elif name == "stall":
-            _expect_args(name, args, 2)
-            fields["stall"] = True
-            if args:
-                fields["stall_at_ms"] = _milliseconds(args[0], "stall offset")
-            if len(args) > 1:
-                fields["stall_ms"] = _milliseconds(args[1], "stall duration")
-        elif name == "drop":
-            _expect_args(name, args, 1)
-            fields["drop"] = True
-            if args:
-                fields["drop_at_ms"] = _milliseconds(args[0], "drop offset")
         elif name == "refuse-reconnect":
             _expect_args(name, args, 0)
             fields["refuse_reconnect"] = True

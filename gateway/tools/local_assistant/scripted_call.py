@@ -35,6 +35,7 @@ import msgspec
 from gateway.tools.local_assistant.script import Script
 from gateway.tools.local_assistant.settings import LocalAssistantSettings
 from gateway.vapi.calls import AudioFormat
+from gateway.vapi.reactor_time import NS_PER_SECOND
 
 __all__ = [
     "AbortSocket",
@@ -56,7 +57,6 @@ __all__ = [
 ]
 
 NS_PER_MS: Final = 1_000_000
-NS_PER_SECOND: Final = 1_000_000_000
 CONTROL_TYPES: Final = frozenset({"say", "add-message", "control", "transfer"})
 """Control messages the local assistant records (besides end-call, which ends the call)."""
 
@@ -446,7 +446,7 @@ class ScriptedCall:
             return "stale"
         try:
             message: object = msgspec.json.decode(payload)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             message = None
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             self.record.invalid_messages += 1

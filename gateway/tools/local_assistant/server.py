@@ -37,7 +37,6 @@ its ``Authorization`` header.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import random
 import re
 import uuid
@@ -62,6 +61,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from gateway.config import is_loopback_host
 from gateway.logs import get_logger, redactor
 from gateway.tools.local_assistant.call_request import (
     CallRequest,
@@ -180,13 +180,6 @@ class _LiveCall:
     sends_skipped: int = 0
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
 def _json(request: IRequest, status: int, body: object) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
@@ -296,7 +289,7 @@ class LocalAssistant(Service):
     def _listening(self, port: IListeningPort) -> str:
         host = port.getHost()
         address = str(getattr(host, "host", ""))
-        if not _is_loopback(address):
+        if not is_loopback_host(address):
             port.stopListening()
             raise ValueError(f"local assistant: {self._listen!r} is not a loopback address; "
                              "it serves plain ws:// and http:// only on loopback")

@@ -68,7 +68,7 @@ from gateway.tools.simulator.downlink import (
     ViolationKind,
     ViolationLog,
 )
-from gateway.tools.simulator.playout import DEFAULT_UTTERANCE_GAP_MS, TwilioPlayout
+from gateway.tools.simulator.playout import DEFAULT_UTTERANCE_GAP_MS, TwilioPlayout, ns_to_ms
 from gateway.tools.simulator.report import BargeInReport, CallReport, Outcome
 from gateway.tools.simulator.twiml_reader import StreamInstruction, TwimlError, read_twiml
 from gateway.tools.simulator.uplink import (
@@ -86,7 +86,14 @@ from gateway.tools.simulator.webhooks import (
     stream_event_form,
     voice_form,
 )
-from gateway.vapi.reactor_time import DelayedCall, ReactorTime, now_ns, reactor_time
+from gateway.twilio.signature import SIGNATURE_HEADER
+from gateway.vapi.reactor_time import (
+    NS_PER_SECOND,
+    DelayedCall,
+    ReactorTime,
+    now_ns,
+    reactor_time,
+)
 
 __all__ = [
     "STREAM_USER_AGENT",
@@ -105,10 +112,8 @@ __all__ = [
 STREAM_USER_AGENT: Final = "Twilio.TmeWs/1.0"
 WEBHOOK_USER_AGENT: Final = "TwilioProxy/1.1"
 FORM_CONTENT_TYPE: Final = "application/x-www-form-urlencoded"
-SIGNATURE_HEADER: Final = "X-Twilio-Signature"
 
 _NS_PER_MS: Final = 1_000_000
-_NS_PER_SECOND: Final = 1_000_000_000
 _MAX_MESSAGE_BYTES: Final = 1024 * 1024
 _GIVE_UP_GRACE_S: Final = 30.0
 _UPGRADE_STATUS: Final = re.compile(r"upgrade failed \[(\d{3})\]")
@@ -215,7 +220,7 @@ class MediaClock:
     is the longest time between two ticks: 20 ms when the simulator keeps up.
     """
 
-    INTERVAL_S: Final = FRAME_NS / _NS_PER_SECOND
+    INTERVAL_S: Final = FRAME_NS / NS_PER_SECOND
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = reactor_time(clock)
@@ -457,7 +462,7 @@ class SimulatedCall:
     async def _post_call_status(self) -> None:
         """The terminal status callback: the call is over, ``completed``."""
         end_ns = self._stream_end_ns
-        duration_s = 0 if end_ns is None else math.ceil((end_ns - self._t0_ns) / _NS_PER_SECOND)
+        duration_s = 0 if end_ns is None else math.ceil((end_ns - self._t0_ns) / NS_PER_SECOND)
         form = call_status_form(
             call_sid=self.call_sid, account_sid=self.target.account_sid,
             caller=self.scenario.caller, called=self.scenario.called, status="completed",
@@ -504,7 +509,7 @@ class SimulatedCall:
             return
         now = now_ns(self._clock)
         playout = self._playout
-        at_ms = None if playout is None else round((now - self._t0_ns) / _NS_PER_MS, 1)
+        at_ms = None if playout is None else ns_to_ms(now - self._t0_ns)
         message = self._checker.check(payload, is_binary, at_ms)
         if message is None or playout is None:
             return
@@ -627,7 +632,7 @@ class SimulatedCall:
         end = self.report.end
         end.ended_by = "network" if end.closed_by == "network" else "gateway"
         closed = f"closed {code}{' ' + repr(reason) if reason else ''}"
-        seconds = (now - self._t0_ns) / _NS_PER_SECOND if started else 0.0
+        seconds = (now - self._t0_ns) / NS_PER_SECOND if started else 0.0
         end.reason = f"the gateway ended the call after {seconds:.1f} s ({closed})"
         end.fallback_spoken = bool(self.report.answer.after_stream)
         if started:
@@ -735,13 +740,13 @@ class SimulatedCall:
         if playout is not None:
             timing, speech = report.timing, report.speech
             if playout.first_media_ns is not None:
-                timing.first_media_ms = round((playout.first_media_ns - t0) / _NS_PER_MS, 1)
+                timing.first_media_ms = ns_to_ms(playout.first_media_ns - t0)
             if playout.first_audio_slot is not None:
                 timing.first_audio_ms = playout.first_audio_slot * FRAME_MS
             if playout.first_audible_slot is not None:
                 timing.first_audible_ms = playout.first_audible_slot * FRAME_MS
             if self._stream_end_ns is not None:
-                timing.duration_ms = round((self._stream_end_ns - t0) / _NS_PER_MS, 1)
+                timing.duration_ms = ns_to_ms(self._stream_end_ns - t0)
             speech.played_ms = playout.played_slots * FRAME_MS
             speech.utterances = playout.utterances
             speech.gaps = playout.gap_count
@@ -762,8 +767,7 @@ class SimulatedCall:
                 barge.assistant_speaking = playout.speaking_at_interrupt
                 barge.audio_after_interrupt_ms = playout.slots_after_interrupt * FRAME_MS
                 if playout.clear_after_interrupt_ns is not None:
-                    barge.clear_after_ms = round(
-                        playout.clear_after_interrupt_ns / _NS_PER_MS, 1)
+                    barge.clear_after_ms = ns_to_ms(playout.clear_after_interrupt_ns)
             if playout.recording is not None and self.scenario.record_path is not None:
                 try:
                     write_wav(self.scenario.record_path, playout.recording,

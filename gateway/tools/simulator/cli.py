@@ -25,11 +25,11 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from gateway.config import ConfigError, load_settings, resolve_secret
+from gateway.tools import CLIPS_DIR, packaged_clip
 from gateway.tools.simulator.call import (
     CallScenario,
     MediaClock,
@@ -43,10 +43,6 @@ from gateway.tools.simulator.webhooks import DEFAULT_ACCOUNT_SID, GatewayTarget
 
 __all__ = ["CLIPS_DIR", "RunPlan", "main", "parse_arguments", "plan_run"]
 
-CLIPS_DIR: Final = Path(__file__).resolve().parent.parent / "clips"
-"""Speech clips packaged with the tools (the default caller and interrupt clips)."""
-_DEFAULT_CALLER_CLIP: Final = "caller_8k_ulaw.wav"
-_DEFAULT_INTERRUPT_CLIP: Final = "interrupt_8k_ulaw.wav"
 _BRIEF_ABOVE_CALLS: Final = 5
 _HTTP_CONNECTIONS_PER_HOST: Final = 50
 
@@ -122,7 +118,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _clip(path: str | None, default_name: str, *, required: bool) -> CallerAudio | None:
     if path is not None:
         return None if path.lower() == "none" else CallerAudio.from_wav(path)
-    packaged = CLIPS_DIR / default_name
+    packaged = packaged_clip(default_name)
     if packaged.is_file():
         return CallerAudio.from_wav(packaged)
     if required:
@@ -130,44 +126,45 @@ def _clip(path: str | None, default_name: str, *, required: bool) -> CallerAudio
     return None
 
 
+def _target(args: argparse.Namespace, env: Mapping[str, str]) -> GatewayTarget:
+    """The gateway as its ini file describes it (if given), with the flags over it."""
+    configured = (GatewayTarget.from_settings(load_settings(args.config, env))
+                  if args.config else None)
+    auth_token = resolve_secret(args.auth_token, env)[0] if args.auth_token else ""
+    public_url = args.public_url or (configured.public_url if configured else "") or args.url
+    if not public_url:
+        raise ValueError("give --config, --public-url or --url")
+    auth_token = auth_token or (configured.auth_token if configured else "")
+    if not auth_token:
+        raise ValueError("no Auth Token: give --config or --auth-token")
+    flags = {"voice_path": args.voice_path, "status_path": args.status_path,
+             "account_sid": args.account_sid}
+    given = {name: value for name, value in flags.items() if value}
+    if configured is None:
+        return GatewayTarget(public_url=public_url, auth_token=auth_token, url=args.url, **given)
+    return replace(configured, public_url=public_url, auth_token=auth_token, url=args.url,
+                   **given)
+
+
 def plan_run(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> RunPlan:
     """Check the arguments, read the config and the clips: :class:`ValueError`,
     :class:`~gateway.config.ConfigError` or :class:`WavError` when something is wrong."""
-    env = os.environ if environ is None else environ
-    public_url, auth_token, account_sid = "", "", ""
-    voice_path, status_path = "/twilio/voice", "/twilio/status"
-    if args.config:
-        settings = load_settings(args.config, env)
-        public_url = settings.gateway.public_url
-        auth_token = settings.twilio.auth_token.reveal() if settings.twilio.auth_token else ""
-        account_sid = settings.twilio.account_sid
-        voice_path, status_path = settings.twilio.voice_path, settings.twilio.status_path
-    if args.auth_token:
-        auth_token, _ = resolve_secret(args.auth_token, env)
-    public_url = args.public_url or public_url or args.url
-    if not public_url:
-        raise ValueError("give --config, --public-url or --url")
-    if not auth_token:
-        raise ValueError("no Auth Token: give --config or --auth-token")
+    target = _target(args, os.environ if environ is None else environ)
     if args.calls < 1:
         raise ValueError("--calls must be at least 1")
     if args.stagger < 0:
         raise ValueError("--stagger must not be negative")
-    target = GatewayTarget(
-        public_url=public_url, auth_token=auth_token, url=args.url,
-        voice_path=args.voice_path or voice_path, status_path=args.status_path or status_path,
-        account_sid=args.account_sid or account_sid or DEFAULT_ACCOUNT_SID)
     interrupting = args.interrupt_at is not None
     if args.interrupt_audio and not interrupting:
         raise ValueError("--interrupt-audio needs --interrupt-at")
     scenario = CallScenario(
         caller=args.caller,
         called=args.called,
-        audio=_clip(args.audio, _DEFAULT_CALLER_CLIP, required=False),
+        audio=_clip(args.audio, "caller", required=False),
         audio_at_ms=round(args.audio_at * 1000),
         duration_ms=round(args.duration * 1000),
         hangup_after_ms=_seconds_to_ms(args.hangup_after),
-        interrupt_audio=_clip(args.interrupt_audio, _DEFAULT_INTERRUPT_CLIP, required=False)
+        interrupt_audio=_clip(args.interrupt_audio, "interrupt", required=False)
         if interrupting else None,
         interrupt_at_ms=_seconds_to_ms(args.interrupt_at),
         drop=args.drop,

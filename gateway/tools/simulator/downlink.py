@@ -165,7 +165,7 @@ class GatewayMessageChecker:
         except msgspec.ValidationError as error:
             self._invalid(frame, str(error), at_ms)
             return None
-        except msgspec.DecodeError as error:
+        except (msgspec.DecodeError, UnicodeDecodeError) as error:
             self.violations.add(ViolationKind.MALFORMED_JSON, str(error), at_ms)
             return None
         if not self.started:

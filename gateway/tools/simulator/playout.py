@@ -66,6 +66,7 @@ __all__ = [
     "ClearSample",
     "GapSample",
     "TwilioPlayout",
+    "ns_to_ms",
 ]
 
 DEFAULT_UTTERANCE_GAP_MS: Final = 300
@@ -196,10 +197,10 @@ class TwilioPlayout:
         if len(self.clears) < MAX_SAMPLES:
             since = self.last_media_ns
             self.clears.append(ClearSample(
-                at_ms=_ms(now_ns - self.t0_ns),
+                at_ms=ns_to_ms(now_ns - self.t0_ns),
                 dropped_ms=dropped / _BYTES_PER_MS,
                 marks_flushed=len(self._pending_marks),
-                since_last_media_ms=None if since is None else _ms(now_ns - since),
+                since_last_media_ms=None if since is None else ns_to_ms(now_ns - since),
             ))
         flushed = [name for _, name in self._pending_marks]
         self._pending_marks.clear()
@@ -339,5 +340,6 @@ def _peak(chunk: bytes) -> int:
     return int(np.abs(mulaw.decode(chunk).astype(np.int32)).max())
 
 
-def _ms(ns: int) -> float:
+def ns_to_ms(ns: int) -> float:
+    """A time in nanoseconds as milliseconds to 0.1 ms, as the reports give times."""
     return round(ns / _NS_PER_MS, 1)

@@ -35,7 +35,8 @@ __all__ = [
     "UplinkClock",
 ]
 
-FRAME_MS: Final = 20
+FRAME_MS: Final = FRAME_NS // 1_000_000
+"""One 20 ms frame (:data:`~gateway.audio.playout.FRAME_NS`), in milliseconds."""
 EARLY_SLACK_NS: Final = 1_000_000
 """Times within 1 ms of a 20 ms boundary count as the boundary (float reactor time)."""
 
