@@ -154,27 +154,10 @@ class TwimlAnswers:
 
     def connect(self, *, call_sid: str, caller: str, called: str, stream_token: str) -> str:
         """The answer that streams the call to the gateway (an XML document)."""
-        parameters = (
-            (CALL_SID_PARAMETER, call_sid),
-            (CALLER_PARAMETER, caller),
-            (CALLED_PARAMETER, called),
-            (STREAM_TOKEN_PARAMETER, stream_token),
-        )
-        _check_parameters(parameters)
-        response = VoiceResponse()
-        if self._greeting:
-            self._say(response, self._greeting)
-        stream = response.connect().stream(
-            url=self.stream_url,
-            status_callback=self.stream_status_callback_url,
-            status_callback_method="POST" if self.stream_status_callback_url else None,
-        )
-        for name, value in parameters:
-            stream.parameter(name=name, value=value)
-        if self._fallback:
-            self._say(response, self._fallback)
-        response.hangup()
-        return str(response)
+        return self._streamed(
+            ((CALL_SID_PARAMETER, call_sid), (CALLER_PARAMETER, caller),
+             (CALLED_PARAMETER, called), (STREAM_TOKEN_PARAMETER, stream_token)),
+            greeting=self._greeting)
 
     def connect_outbound(
         self, *, reference: str, caller: str, called: str, stream_token: str
@@ -183,14 +166,17 @@ class TwimlAnswers:
         (same URL and status callback as :meth:`connect`) with ``outboundRef`` (the token
         is bound to it), ``From``, ``To`` and the stream token, then the spoken fallback
         and ``<Hangup/>``.  No greeting: the person called hears the assistant first."""
-        parameters = (
-            (OUTBOUND_REF_PARAMETER, reference),
-            (CALLER_PARAMETER, caller),
-            (CALLED_PARAMETER, called),
-            (STREAM_TOKEN_PARAMETER, stream_token),
-        )
+        return self._streamed(
+            ((OUTBOUND_REF_PARAMETER, reference), (CALLER_PARAMETER, caller),
+             (CALLED_PARAMETER, called), (STREAM_TOKEN_PARAMETER, stream_token)),
+            greeting=None)
+
+    def _streamed(self, parameters: tuple[tuple[str, str], ...], greeting: str | None) -> str:
+        """[greeting] <Connect><Stream> with ``parameters``, the fallback, <Hangup/>."""
         _check_parameters(parameters)
         response = VoiceResponse()
+        if greeting:
+            self._say(response, greeting)
         stream = response.connect().stream(
             url=self.stream_url,
             status_callback=self.stream_status_callback_url,
