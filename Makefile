@@ -10,7 +10,7 @@ CONFIG ?= etc/vapi-gateway.ini
 DEV_SECRETS := .dev-secrets.env
 WITH_SECRETS := set -a && . ./$(DEV_SECRETS) && set +a &&
 
-.PHONY: install test test-fast lint run check-config demo clean
+.PHONY: install test test-fast lint run check-config demo bench soak fuzz clean
 
 install: $(STAMP)
 
@@ -46,6 +46,23 @@ check-config: install $(DEV_SECRETS)
 
 demo: install $(DEV_SECRETS)
 	$(WITH_SECRETS) $(BIN)/python -m gateway.demo --config $(CONFIG)
+
+# Capacity under load on loopback (about 5 minutes): one table on stdout and
+# bench/results/capacity.json.  RUNS="speak:200,echo:250x1" WINDOW=20 choose the runs.
+bench: install
+	$(BIN)/python bench/load.py $(if $(RUNS),--runs $(RUNS)) $(if $(WINDOW),--window $(WINDOW))
+
+# The leak soak: 5,000 short calls through the real daemon (about 10 minutes); a table
+# and soak.json.  A 200-call version runs in `make test`.
+soak: install
+	$(BIN)/python bench/soak.py --json soak.json $(SOAK_ARGS)
+
+# Coverage-guided (atheris, else hypothesis) fuzzing of every parser of outside input,
+# FUZZ_SECONDS per target; exits 1 on any crash.
+FUZZ_SECONDS ?= 60
+fuzz: install
+	$(BIN)/python -m pip install --quiet atheris || echo "atheris unavailable: using hypothesis"
+	$(BIN)/python bench/fuzz.py --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info twisted/plugins/dropin.cache

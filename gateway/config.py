@@ -116,7 +116,8 @@ def check_server_endpoint(value: str) -> str | None:
     if kind in ("tcp", "tcp6", "ssl"):
         port = value.split(":")[1] if ":" in value else ""
         port = port.split("=", 1)[1] if port.startswith("port=") else port
-        if not port.isdigit() or not 0 <= int(port) <= 65535:
+        # ASCII digits only: "²".isdigit() is true, and int() refuses it
+        if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
             return f"bad port {port!r}"
     if kind == "systemd" and "domain=" not in value:
         return "a systemd endpoint needs domain= (e.g. systemd:domain=INET:index=0)"
@@ -125,7 +126,10 @@ def check_server_endpoint(value: str) -> str | None:
 
 def check_http_base_url(value: str) -> str | None:
     """An absolute http(s) URL with a host and no query or fragment."""
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # e.g. an unclosed IPv6 literal: "https://[::1"
+        return "not an absolute http:// or https:// URL"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "not an absolute http:// or https:// URL"
     if parts.query or parts.fragment:
@@ -135,7 +139,10 @@ def check_http_base_url(value: str) -> str | None:
 
 def check_loopback_if_plain(value: str) -> str | None:
     """http:// (and so ws://) only for loopback hosts; anything public needs TLS."""
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return "not a URL"
     if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
         return "http:// is only allowed for loopback hosts; use https://"
     return None
@@ -186,6 +193,10 @@ class GatewaySettings:
     drain_grace: float = option(
         2.0, "after the drain's last call ended, seconds the port stays open for Twilio's "
         "status callbacks of those calls", minimum=0, maximum=60)
+    request_read_timeout: float = option(
+        10.0, "seconds an HTTP client has to send one whole request (request line, headers "
+        "and body) on the public and admin listeners, from the connection opening or the "
+        "previous answer; then 408 and the connection is closed", minimum=1, maximum=300)
     health_path: str = option("/health", "liveness route", check=check_path)
     ready_path: str = option("/ready", "readiness route", check=check_path)
 
@@ -252,6 +263,10 @@ class TwilioSettings:
     max_body_size: int = option(
         65536, "largest webhook body accepted, in bytes (413 beyond)", minimum=1024,
         maximum=16 * 1024 * 1024)
+    max_pending_streams: int = option(
+        100, "media sockets that may be open at once without a valid start message yet "
+        "(each has 5 s to send one); further upgrades are refused with 503",
+        minimum=1, maximum=100000)
     max_violations: int = option(
         10, "protocol violations tolerated on one media socket before it is closed",
         minimum=1, maximum=100000)
@@ -640,7 +655,10 @@ def _build_section(
             except ValueError as exc:
                 problems.append(f"{where}: {exc}; allowed: {_allowed(tp, meta)}")
                 continue
-            reason = _check_value(tp, meta, value)
+            try:
+                reason = _check_value(tp, meta, value)
+            except (ValueError, TypeError) as exc:  # a check that failed on odd input
+                reason = f"{raw[key].strip()[:80]!r} cannot be used ({exc})"
             if reason is not None:
                 problems.append(f"{where}: {reason}; allowed: {_allowed(tp, meta)}")
                 continue
@@ -714,6 +732,8 @@ def load_assistant_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON: nested too deeply") from None
     if not isinstance(value, dict) or not value:
         raise ValueError(f"{path} must hold a JSON object (an inline assistant)")
     return value

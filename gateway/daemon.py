@@ -33,6 +33,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from gateway import __version__
+from gateway.admin import MAX_BODY_BYTES as ADMIN_MAX_BODY_BYTES
 from gateway.admin import AdminApi
 from gateway.admission import Admission
 from gateway.bridge.outbound import OutboundCalls
@@ -41,6 +42,7 @@ from gateway.bridge.registry import CallRegistry, InMemoryCallRegistry
 from gateway.bridge.switchboard import PlayoutClock, Switchboard
 from gateway.config import Settings
 from gateway.health import HealthRoutes
+from gateway.http_limits import LimitedSite, admin_http_limits, public_http_limits
 from gateway.logs import get_logger
 from gateway.metrics import GatewayMetrics, MeteredResource, ReactorLagProbe
 from gateway.systemd import Notifier, WatchdogService, watchdog_interval
@@ -282,8 +284,9 @@ def build_gateway(settings: Settings, reactor: IReactorCore,
         log.warning("Twilio signature validation is OFF ([twilio] validate_signatures = "
                     "false): anyone can post to the webhooks; never run this in production")
 
-    site = Site(MeteredResource(app.resource(), metrics, route_labels(settings)))
-    site.displayTracebacks = False
+    # bodies bounded before they are read, and a deadline to send each request
+    site = LimitedSite(MeteredResource(app.resource(), metrics, route_labels(settings)),
+                       public_http_limits(settings), reactor=clock)
     listener = Listener(reactor, settings.gateway.listen, site)
     notifier = Notifier(environ)
     root = GatewayService(settings, reactor, admission, listener, notifier, handle_sigterm)
@@ -302,8 +305,8 @@ def build_gateway(settings: Settings, reactor: IReactorCore,
         AdminApi(settings, token=admin_token.reveal() if admin_token else None,
                  switchboard=switchboard, twilio_rest=twilio_rest, tokens=tokens, twiml=twiml,
                  clock=clock, outbound=outbound).register(admin_app)
-        admin_site = Site(admin_app.resource())
-        admin_site.displayTracebacks = False
+        admin_site = LimitedSite(admin_app.resource(),
+                                 admin_http_limits(settings, ADMIN_MAX_BODY_BYTES), reactor=clock)
         Listener(reactor, settings.admin.listen, admin_site, "admin").setServiceParent(root)
     interval = watchdog_interval(environ)
     if interval is not None and notifier.enabled:

@@ -445,20 +445,32 @@ class CallSession:
         recording = self.recording
         # where the next frame will play: after what Twilio already holds
         play_at = now + self.playout.queued_at_twilio_ns(now) if recording is not None else 0
-        for action in self.playout.tick(now):
-            if type(action) is SendMedia:
-                stream.send_media(action.payload)
-                if recording is not None:
-                    recording.assistant(action.payload, play_at)
-                    play_at += FRAME_NS
-                if self.counters.first_downlink_ms is None:
-                    self.counters.first_downlink_ms = (now - self._stream_started_ns) / NS_PER_MS
-            elif type(action) is SendMark:
-                stream.send_mark(action.name)
-            elif type(action) is SendClear:
-                stream.send_clear()
-                if recording is not None:
-                    recording.cleared(now)
+        actions = self.playout.tick(now)
+        if not actions:
+            return
+        # several messages (a frame and its mark, the lead at speech start): one write
+        cork = getattr(stream, "cork", None) if len(actions) > 1 else None
+        if cork is not None:
+            cork()
+        try:
+            for action in actions:
+                if type(action) is SendMedia:
+                    stream.send_media(action.payload)
+                    if recording is not None:
+                        recording.assistant(action.payload, play_at)
+                        play_at += FRAME_NS
+                    if self.counters.first_downlink_ms is None:
+                        self.counters.first_downlink_ms = (
+                            (now - self._stream_started_ns) / NS_PER_MS)
+                elif type(action) is SendMark:
+                    stream.send_mark(action.name)
+                elif type(action) is SendClear:
+                    stream.send_clear()
+                    if recording is not None:
+                        recording.cleared(now)
+        finally:
+            if cork is not None:
+                stream.uncork()  # type: ignore[attr-defined]
 
     def _barge_in(self, signal: str) -> None:
         started = time.perf_counter_ns()
@@ -487,7 +499,7 @@ class CallSession:
 
     def tick(self, now: int) -> None:
         """The playout clock's 20 ms tick: deadlines, keep-alive and playout."""
-        if self.ended:
+        if self.cause is not None:  # ended
             return
         if self.recording is not None:
             self.recording.tick(now)
@@ -505,11 +517,11 @@ class CallSession:
         self._play(now)
 
     def _keep_uplink_alive(self, now: int) -> None:
+        stalled = now - self._last_uplink_ns
+        if stalled < self._keepalive_ns:  # the usual case, and the cheapest test
+            return
         link = self.link
         if link is None or not isinstance(link.state, Open):
-            return
-        stalled = now - self._last_uplink_ns
-        if stalled < self._keepalive_ns:
             return
         frames = min(stalled // FRAME_NS, MAX_KEEPALIVE_FRAMES_PER_TICK)
         for _ in range(frames):

@@ -8,6 +8,10 @@ A thin Autobahn shell around :class:`gateway.twilio.stream.MediaStreamState`:
   refused with HTTP 403 before any WebSocket frame (``validate_signatures = false``
   skips the check and logs a warning per connection).  No subprotocol is selected
   unless the client offers one (then the first).
+- **sockets awaiting start**: at most ``[twilio] max_pending_streams`` accepted
+  sockets may be waiting for a valid ``start`` at once (the upgrade signature is the
+  same for every call, so it is no proof of a call); another upgrade is refused with
+  HTTP 503 (:meth:`MediaStreamFactory.awaiting_start`).
 - **start**: the ``start`` message must come within ``start_timeout`` seconds
   (:data:`START_TIMEOUT_SECONDS` unless the factory is given another; timed on the
   injected clock) and carry a stream token (:mod:`gateway.twilio.token`) issued for
@@ -44,6 +48,7 @@ that route to the Klein app.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Final, Protocol
 
@@ -75,6 +80,7 @@ from gateway.twilio.stream import (
 )
 from gateway.twilio.token import StreamTokens
 from gateway.twilio.twiml import OUTBOUND_REF_PARAMETER, STREAM_TOKEN_PARAMETER
+from gateway.websocket_fastpath import FastFrames
 
 __all__ = [
     "CLOSE_HANDSHAKE_TIMEOUT_SECONDS",
@@ -117,7 +123,7 @@ class OutboundStreams(Protocol):
         ...
 
 
-class MediaStreamProtocol(WebSocketServerProtocol):
+class MediaStreamProtocol(FastFrames, WebSocketServerProtocol):  # type: ignore[misc]
     """One Twilio Media Streams socket (see the module docstring)."""
 
     # Autobahn's own logger: at debug it would log the upgrade headers (the signature).
@@ -203,7 +209,21 @@ class MediaStreamProtocol(WebSocketServerProtocol):
             self._call_log.warning(
                 "twilio signature validation is disabled: media socket accepted unchecked"
             )
+        pending = server.awaiting_start()
+        if pending >= server.max_pending_streams:
+            self._call_log.warning(
+                "media socket refused: too many sockets awaiting their start message",
+                awaiting_start=pending, max_pending_streams=server.max_pending_streams,
+            )
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "service unavailable")
+        server.track_pending(self)
         return request.protocols[0] if request.protocols else None
+
+    @property
+    def awaiting_start(self) -> bool:
+        """Accepted, not closing, and no stream attached yet (counts toward
+        ``max_pending_streams``)."""
+        return self._session is None and not self._closing
 
     def onOpen(self) -> None:
         self._opened = True
@@ -408,9 +428,23 @@ class MediaStreamFactory(WebSocketServerFactory):
         self.outbound: Final = outbound
         self.count_violations: Final = count_violations
         self.count_auth_failure: Final = count_auth_failure
+        self.max_pending_streams: Final = twilio.max_pending_streams
+        self._pending: weakref.WeakSet[MediaStreamProtocol] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"<MediaStreamFactory {self.media_path}>"
+
+    def awaiting_start(self) -> int:
+        """Sockets accepted whose stream has not started (attached) and that are not
+        closing: the unauthenticated ones, since only a valid ``start`` proves the call."""
+        pending = self._pending
+        for protocol in [p for p in pending if not p.awaiting_start]:
+            pending.discard(protocol)
+        return len(pending)
+
+    def track_pending(self, protocol: MediaStreamProtocol) -> None:
+        """Count ``protocol`` toward ``max_pending_streams`` until it starts or closes."""
+        self._pending.add(protocol)
 
     def buildProtocol(self, addr: IAddress | None) -> MediaStreamProtocol:
         protocol = MediaStreamProtocol(self)

@@ -35,7 +35,8 @@ of :mod:`gateway.twilio.media`) call on the switchboard
 :class:`StreamSession` is what the media socket drives once its stream is attached.
 
 A note on body size: twisted.web reads the whole body before a route runs, so the
-413 here protects the parsing and hashing, not the memory of reading the body.
+daemon's listener refuses a larger body before reading it (:mod:`gateway.http_limits`,
+per path); the 413 here is the second line, for this app served on any other Site.
 """
 
 from __future__ import annotations

@@ -92,6 +92,7 @@ from gateway.vapi.link import (
     Timer,
 )
 from gateway.vapi.reactor_time import NS_PER_SECOND, DelayedCall, now_ns, reactor_time
+from gateway.websocket_fastpath import FastFrames
 
 __all__ = [
     "CallSocketFactory",
@@ -162,7 +163,7 @@ class LinkCounters:
     reconnects: int = 0
 
 
-class CallSocketProtocol(WebSocketClientProtocol):
+class CallSocketProtocol(FastFrames, WebSocketClientProtocol):  # type: ignore[misc]
     """One connection attempt to the call socket; reports everything to its driver."""
 
     # At debug, Autobahn logs the upgrade request: URL path and Authorization.

@@ -316,6 +316,31 @@ def test_a_slow_create_abandoned_by_its_client_creates_no_call(clock: Clock) -> 
     assert rig.assistant.calls == {} and transport.getOutBuffer() is None
 
 
+def test_a_late_create_has_made_the_call_whether_or_not_its_client_waits(
+        clock: Clock) -> None:
+    rig = Rig(clock, create_delay_ms=10_000)
+    body = json.dumps({"assistantId": "local:fail-create:late", "transport": TRANSPORT})
+    server = rig.assistant.site.buildProtocol(None)
+    transport = iosim.FakeTransport(server, isServer=True)
+    server.makeConnection(transport)
+    server.dataReceived(
+        f"POST /call HTTP/1.1\r\nHost: 127.0.0.1:8800\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    assert rig.assistant.counts().created == 1  # at once, like Vapi's
+    clock.advance(4)
+    assert transport.getOutBuffer() is None  # the answer is late
+    server.connectionLost(Failure(ConnectionDone("the client gave up")))
+    assert rig.assistant.creates_abandoned == 1
+    (record,) = rig.assistant.calls.values()
+    assert record.open and record.script == "silent"  # left for its silence timeout
+
+
+def test_a_late_answer_within_the_timeout_carries_the_call(clock: Clock) -> None:
+    rig = Rig(clock, create_delay_ms=1_500)
+    created = _create(rig, "fail-create:late+speak", retries=0, until=5)
+    assert rig.record(created.call_id).open and rig.assistant.counts().created == 1
+
+
 def test_a_slow_answer_within_the_timeout_creates_the_call(clock: Clock) -> None:
     rig = Rig(clock, create_delay_ms=1_500)
     created = _create(rig, "fail-create:slow+speak", retries=0)

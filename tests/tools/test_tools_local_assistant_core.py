@@ -38,6 +38,7 @@ from gateway.tools.local_assistant.scripted_call import (
     ScriptedCall,
     SendAudio,
     SendEvent,
+    SocketWentDark,
     UtteranceOver,
     audio_ns,
     plan_utterance,
@@ -69,15 +70,27 @@ def test_scripts_parse_with_their_arguments() -> None:
     assert parse_script("fail-create:503*2+speak").fail_create == FailCreate("status", 503, 2)
     assert parse_script("fail-create:concurrency").fail_create == FailCreate("concurrency", 400)
     assert parse_script("fail-create:slow").fail_create == FailCreate("slow", 201)
+    assert parse_script("fail-create:late*1").fail_create == FailCreate("late", 201, 1)
     later = parse_script("fail-create:503*2+speak").without_fail_create()
     assert later.text == "speak" and later.fail_create is None and later.speak
     assert parse_script("fail-create").without_fail_create().text == "silent"
 
 
+def test_socket_behaviours_parse_with_their_socket_counts() -> None:
+    flapping = parse_script("speak:agent,agent+flap:800*3")
+    assert flapping.flap and flapping.flap_every_ms == 800 and flapping.flap_sockets == 3
+    assert parse_script("flap").flap_every_ms is None and parse_script("flap").flap_sockets is None
+    dark = parse_script("speak+no-pong:500*1")
+    assert dark.no_pong and dark.no_pong_at_ms == 500 and dark.no_pong_sockets == 1
+    assert parse_script("silent+no-pong+flap").no_pong  # they say nothing themselves
+    assert not parse_script("no-pong").speak
+
+
 @pytest.mark.parametrize("text", [
     "", "sing", "speak+speak", "echo:soon", "stall:1:2:3", "refuse-reconnect",
     "fail-create:404", "fail-create:later", "fail-create*0", "speak*2", "silent+speak",
-    "speak:agent,,caller", "interrupt:99999999",
+    "speak:agent,,caller", "interrupt:99999999", "flap:0", "flap*0", "no-pong:1:2",
+    "echo*2", "silent+speak+no-pong",
 ])
 def test_bad_scripts_are_refused_with_a_reason(text: str) -> None:
     with pytest.raises(ScriptError) as error:
@@ -474,3 +487,39 @@ def test_pcm_calls_get_640_byte_frames() -> None:
     sizes = {len(out.payload) for _, out in run.audio()[:-1]}
     assert sizes == {640}
     assert run.record.downlink_bytes == len(clip_audio("agent", PCM16K))
+
+
+def test_flap_aborts_each_socket_after_it_opens_for_the_first_n() -> None:
+    run = CallRun("speak:agent,agent,agent+flap:700*2", utterance_gap_ms=100)
+    assert run.call.connect(0) == 1
+    run.run_until(700 * MS)
+    assert (700 * MS, AbortSocket(1)) in run.outputs and run.call.connection is None
+    run.call.disconnected(run.now, 1, False, None)
+    assert run.call.connect(SECOND) == 2
+    run.run_until(SECOND + 700 * MS)
+    assert (SECOND + 700 * MS, AbortSocket(2)) in run.outputs
+    run.call.disconnected(run.now, 2, False, None)
+    assert run.call.connect(2 * SECOND) == 3  # the third socket is left alone
+    run.run_until(20 * SECOND)
+    assert run.record.drops == 2 and run.call.connection == 3 and run.record.open
+    assert [out for _, out in run.outputs].count(AbortSocket(3)) == 0
+    assert any(out.connection == 3 for _, out in run.audio())
+
+
+def test_no_pong_leaves_a_socket_open_silent_and_unanswered() -> None:
+    run = CallRun("speak:agent,agent+no-pong:500*1", utterance_gap_ms=100)
+    assert run.call.connect(0) == 1
+    run.run_until(400 * MS)
+    assert run.call.ping_received(1) is True and run.record.pings == 1
+    run.run_until(500 * MS)
+    assert (500 * MS, SocketWentDark(1)) in run.outputs
+    sent = len(run.outputs)
+    assert run.call.ping_received(1) is False and run.record.pings_unanswered == 1
+    assert run.call.audio_received(run.now, 1, b"\xff" * 160) is False  # ignored
+    run.run_until(5 * SECOND)
+    assert len(run.outputs) == sent  # nothing more on the dark socket, and no close
+    assert run.record.open and run.record.dark_connections == 1
+    assert run.call.connect(5 * SECOND) == 2  # the client gave up on it and rejoined
+    run.run_until(8 * SECOND)
+    assert run.call.ping_received(2) is True
+    assert any(out.connection == 2 for _, out in run.audio())  # the next utterance

@@ -995,10 +995,11 @@ def test_the_json_report_has_every_section(clock: Clock) -> None:
     assert call["barge_in"] == {"interrupt_at_ms": 100, "assistant_speaking": True,
                                 "clear_after_ms": None, "audio_after_interrupt_ms": 40}
     assert set(call["speech"]) == {"played_ms", "utterances", "gaps", "gap_ms",
-                                   "longest_gap_ms", "gap_samples"}
+                                   "longest_gap_ms", "gap_samples", "max_queued_ms"}
     assert set(call["end"]) == {"ended_by", "reason", "closed_by", "close_code",
                                 "close_reason", "clean", "fallback_spoken",
-                                "status_callback", "stream_events"}
+                                "status_callback", "status_callbacks", "close_frame_ignored",
+                                "dropped_after_close_frame_ms", "stream_events"}
     assert set(call["frames"]) >= {"sent_media", "received_media", "skipped"}
     assert document["summary"]["first_audio_ms"] == {"count": 1, "p50": 100, "p99": 100,
                                                      "max": 100}
@@ -1146,3 +1147,97 @@ def test_the_command_against_a_real_daemon(tmp_path: Path, log_capture_path: Pat
     assert end["stream_events"] == {"stream-started": 204, "stream-stopped": 204}
     assert call["violations"]["total"] == 0 and call["frames"]["sent_media"] >= 1
     assert document["summary"]["failed"] == 1
+
+
+# -- faults on Twilio's side ------------------------------------------------------------------
+
+
+def _paths(gateway: FakeGateway) -> list[str]:
+    return [url.rsplit("/", 1)[1] for url, _, _ in gateway.http.requests]
+
+
+def test_fault_flags_become_the_scenario() -> None:
+    plan = plan_run(parse_arguments([
+        "--public-url", PUBLIC, "--auth-token", "t", "--call-sid", CALL_SID, "--no-stream",
+        "--stream-delay", "0.5", "--status-callback", "twice", "--mute-at", "1.5",
+        "--stop-without-close", "--stall-reading-at", "1", "--stall-reading-for", "2.5",
+    ]), {})
+    scenario = plan.scenario
+    assert (scenario.call_sid, scenario.open_stream, scenario.stream_delay_ms) == (
+        CALL_SID, False, 500)
+    assert (scenario.status_callback, scenario.mute_at_ms, scenario.stop_without_close) == (
+        "twice", 1500, True)
+    assert (scenario.stall_reading_at_ms, scenario.stall_reading_ms) == (1000, 2500)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"call_sid": "C"}, "call_sid"),
+    ({"stream_delay_ms": -1}, "stream_delay_ms"),
+    ({"status_callback": "sometimes"}, "status_callback"),
+    ({"mute_at_ms": -20}, "mute_at_ms"),
+    ({"stop_without_close": True, "drop": True}, "stop_without_close"),
+    ({"stall_reading_ms": 100}, "stall_reading_ms"),
+])
+def test_bad_fault_scenarios_are_refused(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CallScenario(**fields)
+
+
+def test_the_status_callback_can_come_before_the_stream_twice_or_never(clock: Clock) -> None:
+    gateway = FakeGateway(clock)
+    report = fake_call(gateway, CallScenario(duration_ms=200, status_callback="before-stream"))
+    assert _paths(gateway)[:2] == ["voice", "status"] and _paths(gateway).count("status") == 1
+    assert report.end.status_callbacks == [204]
+    gateway = FakeGateway(clock)
+    report = fake_call(gateway, CallScenario(duration_ms=200, status_callback="twice"))
+    assert _paths(gateway)[-2:] == ["status", "status"]
+    assert report.end.status_callbacks == [204, 204] and report.end.status_callback == 204
+    gateway = FakeGateway(clock)
+    report = fake_call(gateway, CallScenario(duration_ms=200, status_callback="never"))
+    assert "status" not in _paths(gateway) and report.end.status_callbacks == []
+
+
+def test_no_stream_answers_the_webhook_and_opens_nothing(clock: Clock) -> None:
+    gateway = FakeGateway(clock)
+    report = fake_call(gateway, CallScenario(open_stream=False))
+    assert gateway.upgrades == [] and _paths(gateway) == ["voice", "status"]
+    assert report.answer.kind == "connect" and report.end.ended_by == "caller"
+
+
+def test_the_stream_opens_after_the_delay(clock: Clock) -> None:
+    gateway = FakeGateway(clock)
+    answered = clock.seconds()
+    fake_call(gateway, CallScenario(duration_ms=200, stream_delay_ms=700))
+    (start_at, _), = [(at, m) for at, m in gateway.received if m["event"] == "start"]
+    assert start_at - answered >= 0.7
+
+
+def test_muted_media_stops_while_the_socket_stays_open(clock: Clock) -> None:
+    gateway = FakeGateway(clock)
+    report = fake_call(gateway, CallScenario(duration_ms=1000, mute_at_ms=300))
+    assert report.frames.sent_media == 15  # 300 ms of 20 ms frames, then nothing
+    assert len(gateway.messages("media")) == 15 and gateway.messages("stop")
+
+
+def test_stop_without_close_leaves_the_close_frame_unanswered(clock: Clock) -> None:
+    gateway = FakeGateway(clock)
+    gateway.send_after_start(0.05, gw_media(STREAM_SID))
+    report = fake_call(gateway, CallScenario(duration_ms=200, stop_without_close=True))
+    assert report.end.close_frame_ignored == 1000 and report.end.closed_by == "gateway"
+    assert report.end.clean is False  # the gateway had to drop the connection
+    assert report.end.dropped_after_close_frame_ms is not None
+    assert report.end.dropped_after_close_frame_ms > 0  # its close handshake timeout
+    assert (report.outcome, report.end.ended_by) == ("completed", "caller"), report.detail
+
+
+def test_one_call_sid_for_several_calls_makes_duplicate_streams(clock: Clock) -> None:
+    gateway = FakeGateway(clock)
+    done = run_calls(CallScenario(duration_ms=200, call_sid=CALL_SID), gateway.target,
+                     clock=clock, http=gateway.http, connect_socket=gateway.network.connect,
+                     calls=2)
+    gateway.network.run_until(done)
+    gateway.network.settle()
+    reports = result_of(done)
+    assert [report.call_sid for report in reports] == [CALL_SID, CALL_SID]
+    assert len({report.stream_sid for report in reports}) == 2
+    assert {m["start"]["callSid"] for m in gateway.messages("start")} == {CALL_SID}

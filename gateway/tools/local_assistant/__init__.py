@@ -2,8 +2,8 @@
 
 ``POST /call`` and the call socket (``/<callId>/transport``) on one loopback port,
 with scripted behaviours -- ``echo``, ``speak``, ``interrupt``, ``stall``, ``drop``
-(with or without ``refuse-reconnect``), ``fail-create`` -- so ``make demo`` and the
-end-to-end tests run whole calls offline, with no credentials. Calls choose a
+(with or without ``refuse-reconnect``), ``flap``, ``no-pong``, ``fail-create`` -- so
+``make demo`` and the end-to-end tests run whole calls offline, with no credentials. Calls choose a
 script by ``assistantId`` ``local:<script>`` (what the gateway's ``[routing]``
 table can name per number), by ``assistantOverrides.variableValues.localScript``,
 or get the configured default.

@@ -20,6 +20,13 @@ final ``transcript``; ``interrupt``, ``stall`` and ``drop`` edit that plan.
 What a call received and sent is written into its :class:`CallRecord`.
 A socket belongs to a *connection* number; everything scheduled for a
 connection is dropped when it closes, so a rejoin starts clean.
+
+``flap`` and ``no-pong`` act on connections: each of the first N connections
+(every one, without ``*N``) is aborted ``flap_every`` after it opens, or goes
+*dark* ``no_pong_at`` after it opens -- from then on nothing is sent on it,
+what arrives on it is ignored and its pings are not answered
+(:meth:`ScriptedCall.ping_received` says so), but it stays open until the
+client gives up on it.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ __all__ = [
     "ScriptedCall",
     "SendAudio",
     "SendEvent",
+    "SocketWentDark",
     "Step",
     "UtteranceOver",
     "plan_utterance",
@@ -96,13 +104,21 @@ class AbortSocket:
 
 
 @dataclass(frozen=True)
+class SocketWentDark:
+    """``no-pong``: from now on the connection is left open but unanswered (the shell
+    logs it; it stops answering the connection's pings)."""
+
+    connection: int
+
+
+@dataclass(frozen=True)
 class CallEnded:
     """The call is over (the shell logs it and forgets its timer)."""
 
     reason: str
 
 
-Output = SendAudio | SendEvent | CloseSocket | AbortSocket | CallEnded
+Output = SendAudio | SendEvent | CloseSocket | AbortSocket | SocketWentDark | CallEnded
 
 # --- utterance plan steps --------------------------------------------------------------
 
@@ -159,7 +175,17 @@ class _Ended:
     reason: str
 
 
-_Item = Step | _StartUtterance | _CheckSilence | _Close | _Abort | _Ended
+@dataclass(frozen=True)
+class _Flap:
+    pass
+
+
+@dataclass(frozen=True)
+class _GoDark:
+    pass
+
+
+_Item = Step | _StartUtterance | _CheckSilence | _Close | _Abort | _Ended | _Flap | _GoDark
 
 
 @dataclass(frozen=True)
@@ -187,6 +213,12 @@ class CallPlan:
     drop_at_ns: int | None
     refuse_reconnect: bool
     silence_timeout_ns: int
+    flap_every_ns: int | None = None
+    flap_sockets: int | None = None
+    """How many connections flap (``None``: every one)."""
+    no_pong_at_ns: int | None = None
+    no_pong_sockets: int | None = None
+    """How many connections go dark (``None``: every one)."""
 
     @classmethod
     def resolve(cls, script: Script, settings: LocalAssistantSettings,
@@ -220,6 +252,12 @@ class CallPlan:
             drop_at_ns=ms(script.drop_at_ms, settings.drop_at_ms) if script.drop else None,
             refuse_reconnect=script.refuse_reconnect,
             silence_timeout_ns=round(timeout_s * NS_PER_SECOND),
+            flap_every_ns=ms(script.flap_every_ms, settings.flap_every_ms)
+            if script.flap else None,
+            flap_sockets=script.flap_sockets,
+            no_pong_at_ns=ms(script.no_pong_at_ms, settings.no_pong_at_ms)
+            if script.no_pong else None,
+            no_pong_sockets=script.no_pong_sockets,
         )
 
 
@@ -341,7 +379,12 @@ class CallRecord:
     invalid_messages: int = 0
     end_call_received: bool = False
     pings: int = 0
+    pings_unanswered: int = 0
+    """Pings that arrived on a connection gone dark (``no-pong``): not answered."""
     drops: int = 0
+    """Connections the script aborted (``drop``, ``flap``)."""
+    dark_connections: int = 0
+    """Connections that went dark (``no-pong``)."""
     close_codes: list[int | None] = field(default_factory=list)
     """Each closed socket's close code as the server saw it (Autobahn says 1006 when
     there was no close frame)."""
@@ -390,6 +433,7 @@ class ScriptedCall:
         self._current: int | None = None
         self._next_utterance = 0
         self._cut_done = False
+        self._dark: set[int] = set()
         self._last_uplink_ns = record.created_at_ns
         self._at(record.created_at_ns + plan.silence_timeout_ns, None, _CheckSilence())
 
@@ -423,6 +467,11 @@ class ScriptedCall:
             first = self._next_utterance == 0
             delay = self.plan.first_message_delay_ns if first else self.plan.utterance_gap_ns
             self._at(now_ns + delay, connection, _StartUtterance())
+        plan = self.plan
+        if plan.flap_every_ns is not None and _counts(connection, plan.flap_sockets):
+            self._at(now_ns + plan.flap_every_ns, connection, _Flap())
+        if plan.no_pong_at_ns is not None and _counts(connection, plan.no_pong_sockets):
+            self._at(now_ns + plan.no_pong_at_ns, connection, _GoDark())
         return connection
 
     def audio_received(self, now_ns: int, connection: int, payload: bytes) -> bool:
@@ -463,10 +512,14 @@ class ScriptedCall:
         self.record.ignored_messages.append(kind[:64])
         return "ignored"
 
-    def ping_received(self, connection: int) -> None:
-        """A WebSocket ping (Autobahn answers it)."""
+    def ping_received(self, connection: int) -> bool:
+        """A WebSocket ping: whether to answer it (not on a connection gone dark)."""
+        if connection in self._dark:
+            self.record.pings_unanswered += 1
+            return False
         if connection == self._current:
             self.record.pings += 1
+        return True
 
     def disconnected(self, now_ns: int, connection: int, clean: bool, code: int | None) -> None:
         """A socket closed. A clean close the client started ends the call; a lost
@@ -561,6 +614,17 @@ class ScriptedCall:
                 outputs.append(CloseSocket(connection, 1000, "call ended"))
             case _Abort(connection=old):
                 outputs.append(AbortSocket(old))
+            case _Flap():
+                assert connection is not None
+                self.record.drops += 1
+                outputs.append(AbortSocket(connection))
+                self._lost(connection)
+            case _GoDark():
+                assert connection is not None
+                self.record.dark_connections += 1
+                self._dark.add(connection)
+                outputs.append(SocketWentDark(connection))
+                self._lost(connection)  # nothing more for it; what it sends is stale
             case _Ended(reason=reason):
                 outputs.append(CallEnded(reason))
 
@@ -575,3 +639,8 @@ class ScriptedCall:
                                self._rng, turn=index, clip=clip, cut=cut)
         for offset_ns, step in steps:
             self._at(now_ns + offset_ns, connection, step)
+
+
+def _counts(connection: int, sockets: int | None) -> bool:
+    """Whether a per-connection behaviour applies to ``connection`` (1-based)."""
+    return sockets is None or connection <= sockets

@@ -13,16 +13,17 @@ Routes:
 
 - ``POST /call`` -- ``Authorization: Bearer <api key>`` (401 otherwise); the body
   is validated by :mod:`.call_request` (400 with ``message``); a script's
-  ``fail-create`` answers 5xx, 400 (concurrency limit), late, or 201 without a
-  socket URL; so does reaching ``max_concurrent_calls`` (400). Otherwise 201 with
-  the Call, whose ``transport.websocketCallUrl`` is
-  ``ws://127.0.0.1:PORT/<callId>/transport``.
+  ``fail-create`` answers 5xx, 400 (concurrency limit), late (with or without the
+  call created meanwhile), or 201 without a socket URL; so does reaching
+  ``max_concurrent_calls`` (400). Otherwise 201 with the Call, whose
+  ``transport.websocketCallUrl`` is ``ws://127.0.0.1:PORT/<callId>/transport``.
 - ``GET /call/<callId>`` -- the Call, with its status (queued, in-progress, ended).
 - ``/<callId>/transport`` -- the call socket. The upgrade needs the Bearer
   header (401) and a call that exists and has not ended (404). Binary frames
   are audio, text frames JSON; each call's :class:`~.scripted_call.ScriptedCall`
   decides what to send and when, on the injected clock. WebSocket pings are
-  answered (Autobahn's default) and counted.
+  answered (Autobahn's default) and counted, except on a socket a ``no-pong``
+  script has made go dark (left open, silent, pings unanswered).
 
 Calls are kept in :attr:`LocalAssistant.calls` (call id -> :class:`CallRecord`; every
 open call and the latest ``keep_ended_calls`` ended ones), so tests can assert what
@@ -82,6 +83,7 @@ from gateway.tools.local_assistant.scripted_call import (
     ScriptedCall,
     SendAudio,
     SendEvent,
+    SocketWentDark,
 )
 from gateway.tools.local_assistant.settings import LocalAssistantSettings
 from gateway.vapi.calls import AudioFormat
@@ -135,8 +137,8 @@ class AssistantSocketProtocol(WebSocketServerProtocol):
         self.assistant._socket_message(self, payload, isBinary)
 
     def onPing(self, payload: bytes) -> None:
-        self.assistant._socket_pinged(self)
-        super().onPing(payload)  # type: ignore[no-untyped-call]
+        if self.assistant._socket_pinged(self):
+            super().onPing(payload)  # type: ignore[no-untyped-call]
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N803
         self.assistant._socket_closed(self, wasClean, code)
@@ -213,7 +215,8 @@ class LocalAssistant(Service):
         self.create_requests = 0
         self.creates_refused = 0
         self.creates_abandoned = 0
-        """``fail-create:slow`` requests whose client went away before the answer."""
+        """``fail-create:slow`` and ``late`` requests whose client went away before the
+        answer (a ``late`` one's call exists all the same)."""
         self.base_url: str | None = None
         """``http://127.0.0.1:PORT`` once listening (the gateway's ``api_url``)."""
         self._clock = reactor_time(clock)
@@ -419,21 +422,32 @@ class LocalAssistant(Service):
             answer = call_answer(self._call_ids(), call_request, None,
                                  self._clock.seconds(), status="ended")
             return _json(request, 201, answer)
+        if failing.mode == "late":  # the call exists at once; its 201 comes late
+            return self._slow_create(request, None, None,
+                                     self._created(request, call_request, script))
         return self._slow_create(request, call_request, script)
 
-    def _slow_create(self, request: IRequest, call_request: CallRequest,
-                     script: Script) -> Deferred[bytes]:
+    def _slow_create(self, request: IRequest, call_request: CallRequest | None,
+                     script: Script | None, body: bytes | None = None) -> Deferred[bytes]:
+        """Answer after ``create_delay_ms``: create the call then (``slow``), or send the
+        ``body`` of the call created already (``late``)."""
+
         def abandoned(answer: Deferred[bytes]) -> None:
             self._slow_creates.discard(answer)
             if timer.active():
                 timer.cancel()
             self.creates_abandoned += 1
-            log.info("local assistant: slow POST /call abandoned by the client")
+            log.info("local assistant: slow POST /call abandoned by the client",
+                     call_created=body is not None)
 
         answer: Deferred[bytes] = Deferred(abandoned)
 
         def answer_now() -> None:
             self._slow_creates.discard(answer)
+            if body is not None:
+                answer.callback(body)
+                return
+            assert call_request is not None and script is not None
             answer.callback(self._created(request, call_request, script))
 
         delay_s = self.settings.create_delay_ms / 1000
@@ -543,10 +557,12 @@ class LocalAssistant(Service):
                 live.log.warning("local assistant received a text frame that is not an event")
         self._pump(live)
 
-    def _socket_pinged(self, protocol: AssistantSocketProtocol) -> None:
+    def _socket_pinged(self, protocol: AssistantSocketProtocol) -> bool:
+        """Count a ping; whether to answer it (``no-pong`` leaves a socket unanswered)."""
         live = self._live_of(protocol)
         if live is not None and protocol.connection is not None:
-            live.call.ping_received(protocol.connection)
+            return live.call.ping_received(protocol.connection)
+        return True
 
     def _socket_closed(self, protocol: AssistantSocketProtocol, clean: bool,
                        code: int | None) -> None:
@@ -621,6 +637,9 @@ class LocalAssistant(Service):
                               connection=connection)
                 if protocol is not None:
                     protocol.dropConnection(abort=True)  # type: ignore[no-untyped-call]
+            case SocketWentDark(connection=connection):
+                live.log.info("local assistant went dark on a call socket (no-pong: open, "
+                              "silent, pings unanswered)", connection=connection)
             case CallEnded(reason=reason):
                 self._ended_total += 1
                 record = live.call.record
@@ -630,7 +649,10 @@ class LocalAssistant(Service):
                               end_call_received=record.end_call_received,
                               uplink_bytes=record.uplink_bytes,
                               downlink_bytes=record.downlink_bytes,
-                              connections=record.connections, open_calls=self.counts().open)
+                              connections=record.connections, drops=record.drops,
+                              dark_connections=record.dark_connections,
+                              pings=record.pings, pings_unanswered=record.pings_unanswered,
+                              open_calls=self.counts().open)
 
     def _send(self, live: _LiveCall, connection: int, payload: bytes, *, is_binary: bool) -> None:
         protocol = live.sockets.get(connection)

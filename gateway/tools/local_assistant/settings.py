@@ -64,6 +64,10 @@ class LocalAssistantSettings:
     """``stall``: a ``hang`` event is sent this long into a pause that lasts longer."""
     drop_at_ms: int = 1500
     """``drop``: how far into the utterance the socket is aborted."""
+    flap_every_ms: int = 1000
+    """``flap``: how long after it opens each socket is aborted."""
+    no_pong_at_ms: int = 1000
+    """``no-pong``: how long after it opens a socket goes dark (pings unanswered)."""
     create_delay_ms: int = 10_000
     """``fail-create:slow``: how long ``POST /call`` takes to answer."""
     seed: int = 0
@@ -83,8 +87,10 @@ class LocalAssistantSettings:
         for name in ("echo_delay_ms", "first_message_delay_ms", "utterance_gap_ms",
                      "jitter_ms", "target_utterance", "interrupt_at_ms", "user_turn_ms",
                      "stall_at_ms", "stall_ms", "hang_after_ms", "drop_at_ms",
-                     "create_delay_ms", "max_recorded_audio_bytes", "keep_ended_calls"):
+                     "create_delay_ms", "max_recorded_audio_bytes", "keep_ended_calls",
+                     "no_pong_at_ms"):
             _at_least(self, name, 0)
+        _at_least(self, "flap_every_ms", 1)
         _at_least(self, "frame_ms", 1)
         _at_least(self, "burst_min_ms", 1)
         _at_least(self, "speed_min", 0.1)

@@ -24,6 +24,23 @@
 
 A call never raises: whatever goes wrong ends up in its report.
 
+Faults Twilio's side can commit, by scenario (for fault-injection tests):
+
+- ``call_sid``: a given CallSid; several calls of a run with one CallSid are
+  duplicate streams of one phone call (each posts the voice webhook again, as a
+  retried webhook would, and opens its own stream);
+- ``open_stream = False``: the voice webhook is answered, the stream never opens;
+  ``stream_delay_ms``: it opens that long after the TwiML arrived;
+- ``status_callback``: the terminal status callback is posted ``after`` the call
+  (the default), ``before-stream`` (before the media socket opens: the caller hung
+  up during set-up and the callbacks arrived out of order), ``twice`` (a retry),
+  or ``never``;
+- ``mute_at_ms``: media stops then, the socket stays open (mark echoes still go);
+- ``stop_without_close``: after ``stop``, the gateway's close frame is left
+  unanswered and the connection is never closed from this side;
+- ``stall_reading_at_ms`` / ``stall_reading_ms``: a slow consumer -- the socket is
+  not read for a while (its buffers fill; the simulator keeps sending media).
+
 Everything is injected, so tests run calls on a ``Clock`` against the gateway's
 routes in memory (``StubTreq`` for HTTP, ``iosim`` for the socket):
 
@@ -44,10 +61,11 @@ from __future__ import annotations
 import math
 import re
 import secrets
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 from urllib.parse import urlencode, urlsplit
 
 import txaio
@@ -55,12 +73,13 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.failure import Failure
 
 from gateway.audio.playout import FRAME_NS
+from gateway.tools.simulator.bench import SLOT_HISTORY, BenchProbe
 from gateway.tools.simulator.downlink import (
     GatewayMark,
     GatewayMedia,
@@ -94,6 +113,7 @@ from gateway.vapi.reactor_time import (
     now_ns,
     reactor_time,
 )
+from gateway.websocket_fastpath import FastFrames
 
 __all__ = [
     "STREAM_USER_AGENT",
@@ -118,6 +138,11 @@ _MAX_MESSAGE_BYTES: Final = 1024 * 1024
 _GIVE_UP_GRACE_S: Final = 30.0
 _UPGRADE_STATUS: Final = re.compile(r"upgrade failed \[(\d{3})\]")
 _OPEN: Final = WebSocketProtocol.STATE_OPEN
+_CALL_SID: Final = re.compile(r"[A-Za-z]{2}[A-Za-z0-9]{1,62}")
+
+StatusCallbackMode = Literal["after", "before-stream", "twice", "never"]
+"""When the terminal call status callback is posted (see the module docstring)."""
+STATUS_CALLBACK_MODES: Final = ("after", "before-stream", "twice", "never")
 
 
 @dataclass(frozen=True)
@@ -146,6 +171,21 @@ class CallScenario:
     """Twilio waits at most 15 s for a webhook's answer."""
     close_timeout_s: float = 5.0
     """After ``stop``, how long the gateway has to close the socket."""
+    call_sid: str | None = None
+    """This CallSid (default: a random one per call)."""
+    open_stream: bool = True
+    """False: answer the voice webhook and never open the media socket."""
+    stream_delay_ms: int = 0
+    """How long after the TwiML arrived the media socket is opened."""
+    status_callback: StatusCallbackMode = "after"
+    mute_at_ms: int | None = None
+    """Stop sending media from this time on (the socket stays open)."""
+    stop_without_close: bool = False
+    """After ``stop``, leave the gateway's close frame unanswered, keep the connection."""
+    stall_reading_at_ms: int | None = None
+    """A slow consumer: stop reading the socket at this time ..."""
+    stall_reading_ms: int | None = None
+    """... for this long (``None``: until the caller hangs up)."""
 
     def __post_init__(self) -> None:
         if self.duration_ms < FRAME_MS:
@@ -158,6 +198,21 @@ class CallScenario:
             raise ValueError("interrupt_at_ms must not be negative")
         if self.audio_at_ms < 0:
             raise ValueError("audio_at_ms must not be negative")
+        if self.call_sid is not None and _CALL_SID.fullmatch(self.call_sid) is None:
+            raise ValueError("call_sid must be two letters and 1 to 62 letters or digits")
+        if self.stream_delay_ms < 0:
+            raise ValueError("stream_delay_ms must not be negative")
+        if self.status_callback not in STATUS_CALLBACK_MODES:
+            raise ValueError(f"status_callback must be one of {', '.join(STATUS_CALLBACK_MODES)}")
+        if self.mute_at_ms is not None and self.mute_at_ms < 0:
+            raise ValueError("mute_at_ms must not be negative")
+        if self.stop_without_close and self.drop:
+            raise ValueError("stop_without_close needs a hang-up with stop, not drop")
+        if self.stall_reading_at_ms is not None and self.stall_reading_at_ms < 0:
+            raise ValueError("stall_reading_at_ms must not be negative")
+        if self.stall_reading_ms is not None and (
+                self.stall_reading_at_ms is None or self.stall_reading_ms < 1):
+            raise ValueError("stall_reading_ms needs stall_reading_at_ms and must be positive")
 
     @property
     def end_ms(self) -> int:
@@ -230,6 +285,8 @@ class MediaClock:
         self._ticking = False
         self._last_tick_ns: int | None = None
         self.max_tick_interval_ns = 0
+        self.probe: BenchProbe | None = None
+        """Load-test probes for every call on this clock (``--bench-probe``)."""
 
     @property
     def running(self) -> bool:
@@ -274,7 +331,7 @@ def _loop_died(failure: Failure) -> None:  # pragma: no cover - _tick catches pe
     failure.printTraceback()
 
 
-class TwilioMediaClient(WebSocketClientProtocol):
+class TwilioMediaClient(FastFrames, WebSocketClientProtocol):  # type: ignore[misc]
     """The Twilio end of one media socket: hands everything to its :class:`SimulatedCall`."""
 
     # Autobahn's own logger would log the upgrade headers at debug.
@@ -292,6 +349,12 @@ class TwilioMediaClient(WebSocketClientProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N803
         self._call.socket_closed(self, wasClean, code, reason)
+
+    def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:  # noqa: N803
+        if self._call.leave_close_frame_unanswered(code):
+            return None  # no reply and no state change: the connection stays open
+        result: bool | None = super().onCloseFrame(code, reasonRaw)
+        return result
 
 
 class _TwilioMediaFactory(WebSocketClientFactory):
@@ -337,7 +400,7 @@ class SimulatedCall:
     ) -> None:
         self.scenario: Final = scenario
         self.target: Final = target
-        self.call_sid: Final = call_sid or "CA" + secrets.token_hex(16)
+        self.call_sid: Final = call_sid or scenario.call_sid or "CA" + secrets.token_hex(16)
         self.stream_sid: Final = stream_sid or "MZ" + secrets.token_hex(16)
         self._clock: ReactorTime = reactor_time(clock)
         self._http = http
@@ -369,6 +432,13 @@ class SimulatedCall:
         self._t0_ns = 0
         self._end_ns = 0
         self._end_frame = 0
+        self._media_limit = 0
+        """Media frames from this index on are not sent (the end, or ``mute_at_ms``)."""
+        self._stall_at_ns: int | None = None
+        self._stall_until_ns: int | None = None
+        self._stalled_since_ns: int | None = None
+        self._close_frame_ns: int | None = None
+        self._max_queued_bytes = 0
         self._stream_end_ns: int | None = None
         self._hung_up = False
         self._dropped = False
@@ -386,11 +456,24 @@ class SimulatedCall:
     # -- the call, step by step ---------------------------------------------------------
 
     async def _run(self) -> CallReport:
+        scenario = self.scenario
         try:
             stream = await self._answer()
-            if stream is not None:
+            if stream is not None and scenario.status_callback == "before-stream":
+                await self._post_call_status()
+            if stream is not None and not scenario.open_stream:
+                self.report.end.ended_by = "caller"
+                self.report.end.reason = "the caller hung up before the stream opened"
+            elif stream is not None:
+                if scenario.stream_delay_ms:
+                    delayed: Deferred[None] = Deferred()
+                    self._clock.callLater(scenario.stream_delay_ms / 1000, delayed.callback, None)
+                    await delayed
                 await self._stream_call(stream)
-            await self._post_call_status()
+            if scenario.status_callback in ("after", "twice"):
+                await self._post_call_status()
+            if scenario.status_callback == "twice":
+                await self._post_call_status()
         except Exception as error:  # a bug here must not hide the other calls' reports
             self._end_as("failed", f"simulator error: {error!r}")
             self._stop_media()
@@ -473,6 +556,7 @@ class SimulatedCall:
             self._end_as("failed", f"status callback: {_describe(error)}")
             return
         self.report.end.status_callback = code
+        self.report.end.status_callbacks.append(code)
         if not 200 <= code < 300:
             self._end_as("failed", f"status callback answered {code}")
 
@@ -490,7 +574,9 @@ class SimulatedCall:
             if playout is None:
                 self._begin_stream(now)
                 return
+            self._pace_reading(now)
             echoes = playout.advance(now)
+            self._max_queued_bytes = max(self._max_queued_bytes, playout.queued_bytes)
             if echoes:
                 self._echo(echoes)
             self._send_due(now)
@@ -518,12 +604,17 @@ class SimulatedCall:
             frames.received_media += 1
             frames.received_media_bytes += len(payload)
             echoes = playout.on_media(payload, now)
+            if self._media_clock.probe is not None:
+                self._media_clock.probe.downlink_payload(payload, now)
         elif isinstance(message, GatewayMark):
             frames.received_marks += 1
             echoes = playout.on_mark(message.mark.name, now)
         else:
             frames.received_clears += 1
             echoes = playout.on_clear(now)
+            if self._media_clock.probe is not None and playout.audio_slot_log is not None:
+                self._media_clock.probe.clear(self.call_sid, self._t0_ns, now,
+                                              playout.audio_slot_log)
         if echoes:
             self._echo(echoes)
 
@@ -531,6 +622,7 @@ class SimulatedCall:
                       reason: str | None) -> None:
         """The socket closed or dropped, or its upgrade failed."""
         now = now_ns(self._clock)
+        self._resume_reading(now)
         self._media_clock.remove(self)
         self._cancel_close_timer()
         end = self.report.end
@@ -542,7 +634,10 @@ class SimulatedCall:
             else:
                 self._end_as("failed", f"media socket: {text}")
         else:
-            if self._dropped or socket.closedByMe:
+            if self._close_frame_ns is not None:  # we left its close frame unanswered
+                end.closed_by = "gateway"
+                end.dropped_after_close_frame_ms = ns_to_ms(now - self._close_frame_ns)
+            elif self._dropped or socket.closedByMe:
                 end.closed_by = "simulator"
             elif socket.remoteCloseCode is not None:
                 end.closed_by = "gateway"
@@ -556,6 +651,48 @@ class SimulatedCall:
         if self._closed is not None and not self._closed.called:
             self._closed.callback(None)
 
+    def leave_close_frame_unanswered(self, code: int) -> bool:
+        """The gateway's close frame arrived: whether to leave it unanswered
+        (``stop_without_close``, after ``stop``); the gateway did close in time."""
+        if not (self.scenario.stop_without_close and self._hung_up
+                and self.report.end.ended_by == "caller"):
+            return False
+        if self._close_frame_ns is None:
+            self._close_frame_ns = now_ns(self._clock)
+            self.report.end.close_frame_ignored = code
+            self._cancel_close_timer()
+        return True
+
+    def _pace_reading(self, now: int) -> None:
+        """A slow consumer (``stall_reading_at_ms``): stop, later resume, reading the socket."""
+        if self._stall_at_ns is not None and now >= self._stall_at_ns:
+            self._stall_at_ns = None
+            self._pause_reading(now)
+        if self._stall_until_ns is not None and now >= self._stall_until_ns:
+            self._stall_until_ns = None
+            self._resume_reading(now)
+
+    def _pause_reading(self, now: int) -> None:
+        reading = self._reading()
+        if reading is not None:
+            reading.pauseProducing()
+            self._stalled_since_ns = now
+
+    def _resume_reading(self, now: int) -> None:
+        since, self._stalled_since_ns = self._stalled_since_ns, None
+        if since is None:
+            return
+        self.report.frames.reading_paused_ms += round(ns_to_ms(now - since))
+        reading = self._reading()
+        if reading is not None:
+            reading.resumeProducing()
+
+    def _reading(self) -> IPushProducer | None:
+        """The media socket's transport as the producer of what it reads, if it is one."""
+        socket = self._socket
+        transport = socket.transport if socket is not None else None
+        return IPushProducer(transport) if IPushProducer.providedBy(transport) else None
+
     # -- streaming -----------------------------------------------------------------------
 
     def _begin_stream(self, now: int) -> None:
@@ -563,10 +700,19 @@ class SimulatedCall:
         self._t0_ns = now
         self._end_ns = now + scenario.end_ms * _NS_PER_MS
         self._end_frame = scenario.end_ms // FRAME_MS
+        self._media_limit = self._end_frame
+        if scenario.mute_at_ms is not None:
+            self._media_limit = min(self._end_frame, scenario.mute_at_ms // FRAME_MS)
+        if scenario.stall_reading_at_ms is not None:
+            self._stall_at_ns = now + scenario.stall_reading_at_ms * _NS_PER_MS
+            if scenario.stall_reading_ms is not None:
+                self._stall_until_ns = self._stall_at_ns + scenario.stall_reading_ms * _NS_PER_MS
         self._uplink = UplinkClock(now)
         self._playout = TwilioPlayout(
             now, utterance_gap_ms=scenario.utterance_gap_ms,
             interrupt_at_ms=scenario.interrupt_at_ms, record=scenario.record_path is not None)
+        if self._media_clock.probe is not None:
+            self._playout.audio_slot_log = deque(maxlen=SLOT_HISTORY)
         stream = self._stream
         assert stream is not None
         self._send(self._messages.connected())
@@ -581,8 +727,11 @@ class SimulatedCall:
         frames = self.report.frames
         media = self._messages.media
         timeline = self._timeline
-        for index in uplink.frames_due(now, limit=self._end_frame):
+        probe = self._media_clock.probe
+        for index in uplink.frames_due(now, limit=self._media_limit):
             payload, speech = timeline.frame(index)
+            if probe is not None:
+                payload = probe.uplink_payload(now)
             self._send(media(index * FRAME_MS, payload))
             frames.sent_media += 1
             if speech:
@@ -602,6 +751,8 @@ class SimulatedCall:
 
     def _hang_up(self, now: int) -> None:
         """The caller hangs up: ``stop`` (or an abrupt drop)."""
+        self._stall_at_ns = self._stall_until_ns = None
+        self._resume_reading(now)  # a slow reader reads again: the close must get through
         self._hung_up = True
         self._stream_end_ns = now
         self._stop_media(now)
@@ -753,6 +904,7 @@ class SimulatedCall:
             speech.gap_ms = playout.gap_slots * FRAME_MS
             speech.longest_gap_ms = playout.longest_gap_slots * FRAME_MS
             speech.gap_samples = list(playout.gaps)
+            speech.max_queued_ms = self._max_queued_bytes / 8
             clears = report.clears
             clears.count = playout.clear_count
             clears.dropped_ms = playout.dropped_by_clear_bytes / 8

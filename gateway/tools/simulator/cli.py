@@ -9,6 +9,12 @@ Examples::
         --interrupt-at 6 --json
     vapi-gateway-sim --config gw.ini --calls 200 --stagger 0.05 --duration 30
 
+Faults on Twilio's side (for fault-injection tests): ``--no-stream``,
+``--stream-delay``, ``--status-callback before-stream|twice|never``, ``--mute-at``,
+``--stop-without-close``, ``--stall-reading-at``/``--stall-reading-for`` (a slow
+consumer), and ``--call-sid`` (with ``--calls 2 --stagger S``: a second stream for
+the same call).
+
 The gateway is described by its own ini file (``[gateway] public_url``, ``[twilio]``
 ``auth_token``, ``account_sid``, ``voice_path``, ``status_path``; secrets given as
 ``env:``/``file:``/``cred:`` are resolved as the daemon resolves them) or by flags,
@@ -28,9 +34,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
+import msgspec
+
 from gateway.config import ConfigError, load_settings, resolve_secret
 from gateway.tools import CLIPS_DIR, packaged_clip
+from gateway.tools.simulator.bench import BenchProbe
 from gateway.tools.simulator.call import (
+    STATUS_CALLBACK_MODES,
     CallScenario,
     MediaClock,
     network_connector,
@@ -56,6 +66,8 @@ class RunPlan:
     calls: int = 1
     stagger_s: float = 0.0
     json: bool = False
+    bench_probe: str | None = None
+    """Write the load-test probes (:mod:`.bench`) to this file."""
 
 
 def _seconds_to_ms(value: float | None) -> int | None:
@@ -107,11 +119,33 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="silence of at least this long separates two utterances; "
                       "shorter silence inside speech is a gap "
                       f"(default {DEFAULT_UTTERANCE_GAP_MS})")
+    faults = parser.add_argument_group("faults on Twilio's side")
+    faults.add_argument("--call-sid", help="use this CallSid (default: random); with --calls "
+                        "N every call is a stream of the same phone call")
+    faults.add_argument("--no-stream", action="store_true",
+                        help="answer the voice webhook, never open the media stream")
+    faults.add_argument("--stream-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="open the media stream this long after the TwiML (default 0)")
+    faults.add_argument("--status-callback", choices=STATUS_CALLBACK_MODES, default="after",
+                        help="post the terminal status callback after the call (default), "
+                        "before the stream opens, twice, or never")
+    faults.add_argument("--mute-at", type=float, metavar="SECONDS",
+                        help="stop sending media at this time; the socket stays open")
+    faults.add_argument("--stop-without-close", action="store_true",
+                        help="after stop, leave the gateway's close frame unanswered and "
+                        "never close the connection")
+    faults.add_argument("--stall-reading-at", type=float, metavar="SECONDS",
+                        help="a slow consumer: stop reading the socket at this time")
+    faults.add_argument("--stall-reading-for", type=float, metavar="SECONDS",
+                        help="... for this long (default: until the caller hangs up)")
     run = parser.add_argument_group("the run")
     run.add_argument("--calls", type=int, default=1, help="concurrent calls (default 1)")
     run.add_argument("--stagger", type=float, default=0.0, metavar="SECONDS",
                      help="delay between the starts of consecutive calls (default 0)")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
+    run.add_argument("--bench-probe", metavar="FILE",
+                     help="load tests: tag the caller's frames, time their echoes, keep "
+                     "every clear, and write those probes to FILE as JSON (see make bench)")
     return parser.parse_args(argv)
 
 
@@ -171,8 +205,16 @@ def plan_run(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
         record_path=args.record,
         record_format=args.record_format,
         utterance_gap_ms=args.utterance_gap_ms,
+        call_sid=args.call_sid,
+        open_stream=not args.no_stream,
+        stream_delay_ms=round(args.stream_delay * 1000),
+        status_callback=args.status_callback,
+        mute_at_ms=_seconds_to_ms(args.mute_at),
+        stop_without_close=args.stop_without_close,
+        stall_reading_at_ms=_seconds_to_ms(args.stall_reading_at),
+        stall_reading_ms=_seconds_to_ms(args.stall_reading_for),
     )
-    return RunPlan(target, scenario, args.calls, args.stagger, args.json)
+    return RunPlan(target, scenario, args.calls, args.stagger, args.json, args.bench_probe)
 
 
 async def _run(reactor: Any, plan: RunPlan) -> None:
@@ -182,12 +224,17 @@ async def _run(reactor: Any, plan: RunPlan) -> None:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = _HTTP_CONNECTIONS_PER_HOST
     media_clock = MediaClock(reactor)
+    if plan.bench_probe:
+        media_clock.probe = BenchProbe()
     reports = await run_calls(
         plan.scenario, plan.target, clock=reactor, http=HTTPClient(Agent(reactor, pool=pool)),
         connect_socket=network_connector(reactor), calls=plan.calls, stagger_s=plan.stagger_s,
         media_clock=media_clock)
     await pool.closeCachedConnections()
     summary = summarize(reports, media_clock.max_tick_interval_ms)
+    if plan.bench_probe and media_clock.probe is not None:
+        with open(plan.bench_probe, "wb") as probe_file:
+            probe_file.write(msgspec.json.encode(media_clock.probe.as_dict()))
     if plan.json:
         sys.stdout.write(to_json(reports, summary).decode("utf-8") + "\n")
     else:

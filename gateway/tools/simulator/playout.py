@@ -153,6 +153,8 @@ class TwilioPlayout:
         self.slots_after_interrupt = 0
         self.clear_after_interrupt_ns: int | None = None
         self.recording: bytearray | None = bytearray() if record else None
+        self.audio_slot_log: deque[int] | None = None
+        """When a deque: the slots that played audio are appended (load tests)."""
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -289,6 +291,8 @@ class TwilioPlayout:
         self._last_slot_bytes = 0
 
     def _audio_slot(self, slot: int, chunk: bytes) -> None:
+        if self.audio_slot_log is not None:
+            self.audio_slot_log.append(slot)
         if self.first_audio_slot is None:
             self.first_audio_slot = slot
         if self.first_audible_slot is None and _peak(chunk) >= self._audible_peak:

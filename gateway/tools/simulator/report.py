@@ -89,6 +89,9 @@ class SpeechReport(_Section):
     gap_ms: int = 0
     longest_gap_ms: int = 0
     gap_samples: list[GapSample] = msgspec.field(default_factory=list)
+    max_queued_ms: float = 0.0
+    """The most gateway audio Twilio's queue held at once (sampled every 20 ms): about the
+    gateway's playout lead; far more means audio piled up (e.g. behind a slow reader)."""
 
 
 class BargeInReport(_Section):
@@ -144,6 +147,8 @@ class FramesReport(_Section):
     received_marks: int = 0
     received_clears: int = 0
     received_after_stop: int = 0
+    reading_paused_ms: int = 0
+    """How long the simulator stopped reading its socket (a slow consumer, by scenario)."""
 
 
 class EndReport(_Section):
@@ -158,7 +163,13 @@ class EndReport(_Section):
     fallback_spoken: bool = False
     """The gateway closed the stream while the call was up: Twilio speaks the fallback."""
     status_callback: int | None = None
-    """HTTP status of the terminal call status callback."""
+    """HTTP status of the (last) terminal call status callback."""
+    status_callbacks: list[int] = msgspec.field(default_factory=list)
+    """HTTP status of every terminal call status callback posted, in order."""
+    close_frame_ignored: int | None = None
+    """The code of the gateway's close frame, when the scenario left it unanswered."""
+    dropped_after_close_frame_ms: float | None = None
+    """From that unanswered close frame to the gateway dropping the connection."""
     stream_events: dict[str, int | None] = msgspec.field(default_factory=dict)
     """HTTP status of each ``<Stream statusCallback>`` event posted."""
 
@@ -301,7 +312,7 @@ def _call_lines(report: CallReport) -> list[str]:
     gaps = (f"{speech.gaps} gaps, {speech.gap_ms} ms in all (longest {speech.longest_gap_ms} ms)"
             if speech.gaps else "no gaps")
     lines.append(f"  speech      {speech.played_ms} ms played in {speech.utterances} "
-                 f"utterance(s); {gaps}")
+                 f"utterance(s); {gaps}; at most {speech.max_queued_ms:.0f} ms queued")
     for gap in speech.gap_samples[:5]:
         lines.append(f"              gap of {gap.ms} ms at {gap.at_ms} ms")
     barge = report.barge_in
@@ -347,11 +358,20 @@ def _call_lines(report: CallReport) -> list[str]:
               if end.closed_by else "socket never opened")
     events = ", ".join(f"{event} {code}" for event, code in end.stream_events.items())
     why = f" ({end.reason})" if end.reason and end.reason != report.detail else ""
+    callbacks = ", ".join(str(code) for code in end.status_callbacks) or "-"
     lines.append(
         f"  ended       by {end.ended_by or '-'}{why}; {closed}; status callback "
-        f"{end.status_callback if end.status_callback is not None else '-'}"
-        f"{'; stream events ' + events if events else ''}"
+        f"{callbacks}{'; stream events ' + events if events else ''}"
     )
+    if end.close_frame_ignored is not None:
+        dropped = (f"dropped the connection {_ms(end.dropped_after_close_frame_ms)} later"
+                   if end.dropped_after_close_frame_ms is not None
+                   else "never dropped the connection")
+        lines.append(f"              close frame {end.close_frame_ignored} left unanswered; "
+                     f"the gateway {dropped}")
+    if frames.reading_paused_ms:
+        lines.append(f"  slow reader the simulator stopped reading for "
+                     f"{frames.reading_paused_ms} ms")
     if end.fallback_spoken and answer.after_stream:
         fallback = " ".join(answer.after_stream)
         lines.append(f"              the caller hears the fallback: {fallback!r}")
