@@ -93,7 +93,8 @@ MAX_RING_SECONDS: Final = 60
 
 _E164: Final = re.compile(r"\+[1-9][0-9]{1,14}")
 _VARIABLE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
-_INVALID_TEXT: Final = re.compile("[\x00-\x1f\x7f]")
+_INVALID_TEXT: Final = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")  # controls, lone surrogates
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")  # JSON can escape them; no encoder can send them
 _FIELDS: Final = frozenset({"to", "from", "assistantId", "variables"})
 _MAX_ECHOED_CHARS: Final = 64
 
@@ -168,6 +169,8 @@ def _variables(value: object) -> dict[str, str]:
         if len(text) > MAX_VARIABLE_VALUE_CHARS:
             raise BadRequestError(
                 f"'variables.{name}' is longer than {MAX_VARIABLE_VALUE_CHARS} characters")
+        if _SURROGATE.search(text):
+            raise BadRequestError(f"'variables.{name}' holds a lone surrogate (not text)")
     return dict(value)
 
 

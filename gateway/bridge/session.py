@@ -344,6 +344,11 @@ class CallSession:
             if failed is not None:
                 self._retire_link(failed)
                 failed.stop()  # the failed link only settles its own state
+            if self._created is not None:
+                # the lost call may still be alive at Vapi (billing): end it over a socket
+                # of its own before its replacement takes over
+                self._hooks.end_orphan(self._created)
+                self._created = None
             self._create_vapi_call(first_message=self.policy.recreate_first_message)
             return
         self.log.error("vapi link lost; hanging up", reason=failure.reason,

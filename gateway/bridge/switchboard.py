@@ -48,6 +48,7 @@ from gateway.vapi.calls import AudioFormat, CreatedCall
 log = get_logger("gateway.bridge")
 
 NS_PER_SECOND = 1_000_000_000
+MAX_REMEMBERED_ENDED_CALLS = 100_000
 TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 
 
@@ -86,6 +87,7 @@ class Switchboard:
         self._sessions: dict[str, CallSession] = {}
         self._by_vapi_call: dict[str, CallSession] = {}
         self._outbound: dict[str, OutboundCall] = {}  # CallSid → how it was placed
+        self._ended_calls: dict[str, float] = {}  # CallSid → until when (insertion order)
         vapi = settings.vapi
         self._audio = AudioFormat(vapi.audio_format, vapi.sample_rate)  # type: ignore[arg-type]
         self.policy = SessionPolicy(
@@ -147,6 +149,10 @@ class Switchboard:
         """
         session = self._sessions.get(started.call_sid)
         if session is None or session.ended:
+            if self._ended_recently(started.call_sid):
+                log.warning("stream refused: its call has already ended",
+                            call_sid=started.call_sid)
+                return None
             if self.admission.admit() is not None:
                 log.warning("stream refused: not admitting calls", call_sid=started.call_sid)
                 return None
@@ -178,9 +184,10 @@ class Switchboard:
         return self.end_call(call_sid, "twilio-status") is not None
 
     def vapi_call_ended(self, vapi_call_id: str) -> bool:
-        """Vapi says (by webhook) that its call ended: end the phone call too."""
+        """Vapi says (by webhook) that its call ended: end the phone call too — only if
+        that Vapi call is still the phone call's current one (not one it replaced)."""
         session = self._by_vapi_call.get(vapi_call_id)
-        if session is None:
+        if session is None or session.vapi_call_id != vapi_call_id:
             return False
         session.end("vapi-ended")
         return True
@@ -222,6 +229,25 @@ class Switchboard:
     def open_link(self, owner: CurrentLinkOwner, created: CreatedCall) -> VapiLink:
         return self._link_factory(owner, created)
 
+    def _remember_ended(self, call_sid: str) -> None:
+        """Keep an ended CallSid as long as its stream token lives (a late stream is then
+        refused instead of starting the call again); bounded, oldest dropped first."""
+        ended = self._ended_calls
+        ended.pop(call_sid, None)
+        ended[call_sid] = self.clock.seconds() + self.settings.twilio.stream_token_ttl
+        while len(ended) > MAX_REMEMBERED_ENDED_CALLS:
+            del ended[next(iter(ended))]
+
+    def _ended_recently(self, call_sid: str) -> bool:
+        now = self.clock.seconds()
+        ended = self._ended_calls
+        while ended:
+            oldest, until = next(iter(ended.items()))
+            if until > now:
+                break
+            del ended[oldest]
+        return call_sid in ended
+
     def end_orphan(self, created: CreatedCall) -> None:
         """A Vapi call whose phone call is gone: open its socket only to end it."""
         self.orphans_ended += 1
@@ -247,6 +273,7 @@ class Switchboard:
         if session.vapi_call_id is not None:
             self._by_vapi_call.pop(session.vapi_call_id, None)
         self._outbound.pop(session.call_sid, None)
+        self._remember_ended(session.call_sid)
         self.registry.remove(session)
         now = self.now_ns()
         self.metrics.call_ended(session.cause or "unknown", (now - session.created_ns) / 1e9,

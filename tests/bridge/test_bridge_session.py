@@ -460,13 +460,28 @@ def test_vapi_link_loss_with_recreate_policy_creates_a_new_call() -> None:
     assert not session.ended
     (_, _, overrides) = h.vapi.requests[1]
     assert overrides["firstMessage"].startswith("Sorry, I lost you")
+    lost, orphan = h.links  # the lost Vapi call is ended over a socket of its own
+    assert orphan.created is lost.created and orphan.started and orphan.stops == 1
     h.vapi.answer()
-    h.links[1].open()
+    replacement = h.links[2]
+    replacement.open()
     session.on_stream_audio(audio(b"\x04" * FRAME))
-    assert h.links[1].audio == [b"\x04" * FRAME]
+    assert replacement.audio == [b"\x04" * FRAME]
+    assert h.board.vapi_call_ended("vapi-call-1") is False  # the lost call's end is no news
+    assert not session.ended
     session.end("test")
-    assert h.links[1].messages == ["end-call"]
-    assert h.links[0].messages == []  # the lost link could not send end-call
+    assert replacement.messages == ["end-call"]
+    assert lost.messages == []  # the lost link could not send end-call
+    h.assert_clean()
+
+
+def test_a_stream_for_a_call_that_already_ended_is_refused() -> None:
+    h = Harness()
+    session, _ = h.call(stream=False)
+    h.board.call_status("CA1", "completed")  # the status callback beat the stream
+    assert session.ended
+    assert h.attach("CA1", FakeStream()) is None  # no second call for a finished one
+    assert len(h.vapi.requests) == 1
     h.assert_clean()
 
 

@@ -347,12 +347,6 @@ def test_a_stalled_vapi_socket_is_caught_by_the_heartbeat(
     show("vapi socket stalls without closing (no pongs)", call, left)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/bridge/session.py CallSession.on_link_failed, recreate branch: the lost "
-    "Vapi call is never sent end-call (failed.stop() on a Failed link sends nothing and "
-    "end_orphan is not called), so a Vapi call whose socket went dark stays open on "
-    "Vapi's side -- billing -- until Vapi's own silence timeout; teardown does call "
-    "end_orphan for an unreachable link, recreate does not"))
 def test_vapi_calls_lost_to_a_dark_socket_are_ended_when_replaced(
         gateways: list[Gateway], tmp_path: Path) -> None:
     """Every socket goes dark, reconnect_attempts = 0: each stall fails the link at once,
@@ -374,13 +368,6 @@ def test_vapi_calls_lost_to_a_dark_socket_are_ended_when_replaced(
     assert [ended.get(vapi_id) for vapi_id in created] == ["customer-ended-call"] * 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/bridge/switchboard.py Switchboard.create_vapi_call.remember maps every "
-    "created Vapi call id to its session, but session_ended pops only the session's "
-    "current vapi_call_id: after a recreate the lost call's id still maps to the live "
-    "session, so Vapi's end-of-call-report for the lost call (POST /vapi/events) ends "
-    "the caller's recreated conversation with cause vapi-ended (and the mapping, with "
-    "the session, is kept forever)"))
 def test_a_webhook_about_a_replaced_vapi_call_leaves_the_phone_call_alone(
         gateways: list[Gateway], tmp_path: Path) -> None:
     gw = start(gateways, tmp_path, vapi={"reconnect_attempts": "0"})
@@ -608,12 +595,6 @@ def test_status_callback_before_the_stream_leaves_nothing_behind(
     show("status callback before the stream", call, left, causes=causes)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/bridge/switchboard.py Switchboard.attach_stream: a stream whose call this "
-    "process already ended (session removed by session_ended) is taken for a call it "
-    "never saw and admitted again: a second session and a second POST /call for a phone "
-    "call that is over -- after a terminal status callback, or after Vapi refused the "
-    "call before the stream came (a concurrency-limit 400 is then sent twice)"))
 @pytest.mark.parametrize(("number", "args"), [
     ("+15550200001", ("--status-callback", "before-stream")),
     ("+15550200013", ("--stream-delay", "0.5")),  # Twilio is slower than Vapi's 400
