@@ -25,8 +25,9 @@ $(STAMP): setup.py setup.cfg
 test: install lint
 	$(BIN)/python -m pytest -q
 
+# The unit suite only (about a minute): everything but the real-daemon tests.
 test-fast: install
-	$(BIN)/python -m pytest -q -x
+	$(BIN)/python -m pytest -q -x -m "not e2e"
 
 lint: install
 	$(BIN)/ruff check .
