@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.python.failure import Failure
 
+from gateway.audio import mulaw
 from gateway.audio.playout import (
     FRAME_BYTES,
     FRAME_NS,
@@ -74,7 +75,7 @@ from gateway.vapi.link import (
 
 log = get_logger("gateway.bridge")
 
-SILENCE_FRAME = b"\xff" * FRAME_BYTES
+SILENCE_FRAME = mulaw.silence(FRAME_BYTES)
 NS_PER_MS = 1_000_000
 #: Silence frames sent at most per tick to catch the uplink up after a stall.
 MAX_KEEPALIVE_FRAMES_PER_TICK = 10

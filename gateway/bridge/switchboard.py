@@ -44,6 +44,7 @@ from gateway.twilio.stream import Started
 from gateway.twilio.twiml import CALLED_PARAMETER, CALLER_PARAMETER
 from gateway.vapi.assistants import choose_assistant, twilio_call_overrides
 from gateway.vapi.calls import AudioFormat, CreatedCall
+from gateway.vapi.reactor_time import now_ns, reactor_time
 
 log = get_logger("gateway.bridge")
 
@@ -102,7 +103,7 @@ class Switchboard:
         self.orphans_ended = 0
 
     def now_ns(self) -> int:
-        return round(self.clock.seconds() * NS_PER_SECOND)
+        return now_ns(reactor_time(self.clock))
 
     # -- lookups ------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from gateway.health import json_body
 from gateway.logs import get_logger
 from gateway.vapi.assistants import assistant_request_answer, choose_assistant
 from gateway.vapi.codec import EndOfCallReport, StatusUpdate, ToolCalls
+from gateway.vapi.reactor_time import now_ns, reactor_time
 from gateway.vapi.webhook_auth import (
     BearerAuth,
     HmacAuth,
@@ -92,8 +93,7 @@ class VapiRoutes:
             return json_body(request, 413, {"error": "body too large"})
         if self._auth is not None:
             headers = headers_from_raw(request.requestHeaders.getAllRawHeaders())
-            now_ns = round(self._clock.seconds() * NS_PER_SECOND)
-            result = authenticate(self._auth, headers, body, now_ns)
+            result = authenticate(self._auth, headers, body, now_ns(reactor_time(self._clock)))
             if not result.ok:
                 self.counters["auth_failures"] += 1
                 log.warning("vapi webhook refused", reason=result.reason)
