@@ -45,8 +45,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import msgspec
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -253,16 +254,42 @@ class AdminApi:
 
     # -- the routes -------------------------------------------------------------------
 
-    def list_calls(self, request: IRequest) -> bytes:
-        """``GET /calls``: the active calls and the outbound calls still ringing."""
+    def list_calls(self, request: IRequest) -> bytes | Deferred[bytes]:
+        """``GET /calls``: the active calls and the outbound calls still ringing.
+
+        In a cluster, ``cluster_calls`` lists every instance's calls from the registry
+        (``"cluster": "unavailable"`` if Redis cannot answer: the local list stands).
+        """
         if not self._authorized(request, "list-calls"):
             return _unauthorized(request)
         now = self._clock.seconds()
         calls = [session.snapshot() for session in self._switchboard.sessions()
                  if not session.ended]
         pending = [_pending_view(call, now) for call in self._outbound.pending(now)]
-        return json_body(request, 200, {
-            "calls": calls, "active_calls": len(calls), "pending_outbound": pending})
+        body: dict[str, Any] = {
+            "calls": calls, "active_calls": len(calls), "pending_outbound": pending}
+        cluster = self._switchboard.cluster
+        if cluster is None:
+            return json_body(request, 200, body)
+        body["instance"] = cluster.instance_id
+
+        def with_cluster(found: list[Any]) -> bytes:
+            call_records, instances = found
+            body["cluster"] = "available"
+            body["cluster_calls"] = [msgspec.to_builtins(r) for r in call_records]
+            body["cluster_active_calls"] = len(call_records)
+            body["instances"] = [msgspec.to_builtins(i) for i in instances]
+            return json_body(request, 200, body)
+
+        def without_cluster(failure: Failure) -> bytes:
+            log.warning("admin list: the cluster registry is unavailable",
+                        error=failure.getErrorMessage())
+            body["cluster"] = "unavailable"
+            return json_body(request, 200, body)
+
+        asks: list[Deferred[Any]] = [cluster.list_calls(), cluster.list_instances()]
+        listing: Deferred[list[Any]] = gatherResults(asks, consumeErrors=True)
+        return listing.addCallbacks(with_cluster, without_cluster)
 
     def show_call(self, request: IRequest, call_sid: str) -> bytes:
         """``GET /calls/{CallSid}``: one call's snapshot."""
@@ -273,13 +300,13 @@ class AdminApi:
             return _no_such_call(request, call_sid)
         return json_body(request, 200, session.snapshot())
 
-    def hang_up(self, request: IRequest, call_sid: str) -> bytes:
+    def hang_up(self, request: IRequest, call_sid: str) -> bytes | Deferred[bytes]:
         """``DELETE /calls/{CallSid}``: end the call (Vapi end-call, Twilio hang-up)."""
         if not self._authorized(request, "hang-up"):
             return _unauthorized(request)
         session = self._switchboard.get(call_sid)
         if session is None or session.ended:
-            return _no_such_call(request, call_sid)
+            return self._hang_up_elsewhere(request, call_sid)
         state = session.state
         streaming = session.stream is not None
         ending = self._switchboard.end_call(call_sid, ADMIN_HANGUP_CAUSE)
@@ -295,6 +322,26 @@ class AdminApi:
         return json_body(request, 200 if done else 202, {
             "call_sid": call_sid, "cause": ADMIN_HANGUP_CAUSE, "state_before": state,
             "twilio": twilio, "ended": done})
+
+    def _hang_up_elsewhere(self, request: IRequest, call_sid: str
+                           ) -> bytes | Deferred[bytes]:
+        """A call this instance does not hold: ask the cluster's owner to end it (202)."""
+        cluster = self._switchboard.cluster
+        if cluster is None:
+            return _no_such_call(request, call_sid)
+        if not cluster.available:
+            return _error(request, 503, "cluster unavailable",
+                          "not held here, and Redis cannot say which instance holds it")
+
+        def sent(owner: str | None) -> bytes:
+            if owner is None:
+                return _no_such_call(request, call_sid)
+            log.info("admin hang-up sent to the call's instance", call_sid=call_sid,
+                     owner=owner)
+            return json_body(request, 202, {"call_sid": call_sid, "cause": ADMIN_HANGUP_CAUSE,
+                                            "owner": owner, "ended": False})
+
+        return cluster.end_elsewhere(call_sid, ADMIN_HANGUP_CAUSE).addCallback(sent)
 
     def place_call(self, request: IRequest) -> bytes | Deferred[bytes]:
         """``POST /calls``: place an outbound call through Twilio; 201 with its CallSid."""

@@ -397,6 +397,11 @@ class BridgeSettings:
     mark_every_frames: int = option(
         5, "send a Twilio mark every N frames (20 ms each) to learn what was played",
         minimum=1, maximum=500)
+    max_unconfirmed_ms: int = option(
+        1000, "audio sent to Twilio but not yet confirmed played by a mark echo, at most "
+        "(ms); past it sending waits and the audio stays in the local buffer, so a Twilio "
+        "side that stops reading is not fed (0: no limit; else at least "
+        "playout_lead_max_ms + 20 ms x mark_every_frames)", minimum=0, maximum=60000)
     barge_in_signals: tuple[str, ...] = option(
         ("user-interrupted", "speech-update"), "Vapi events that cut the assistant off: "
         "user-interrupted and/or speech-update (role user, status started)",
@@ -422,6 +427,10 @@ class BridgeSettings:
     def __post_init__(self) -> None:
         if not self.playout_lead_min_ms <= self.playout_lead_ms <= self.playout_lead_max_ms:
             raise ValueError("need playout_lead_min_ms <= playout_lead_ms <= playout_lead_max_ms")
+        if self.max_unconfirmed_ms and self.max_unconfirmed_ms // 20 < (
+                -(-self.playout_lead_max_ms // 20) + self.mark_every_frames):
+            raise ValueError("need max_unconfirmed_ms = 0 or at least playout_lead_max_ms "
+                             "+ 20 ms x mark_every_frames")
 
 
 @dataclass(frozen=True)
@@ -462,6 +471,76 @@ class RecordingSettings:
     fsync_on_close: bool = option(True, "fsync each recording when its call ends")
 
 
+def check_cluster_backend(value: str) -> str | None:
+    """``memory``, or ``redis://host[:port][/db]`` / ``rediss://…`` (TLS) with no password
+    in the URL (the password is its own secret key)."""
+    if value == "memory":
+        return None
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return "not memory or a redis:// URL"
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        return "not memory or a redis://host:port/db URL"
+    if parts.password is not None or parts.username is not None:
+        return "put the password in [cluster] password (a secret), not in the URL"
+    if port is not None and not 0 < port <= 65535:
+        return f"bad port {port}"
+    db = parts.path.strip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        return f"bad database number {db!r}"
+    if parts.query or parts.fragment:
+        return "must not carry a query string or fragment"
+    return None
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """[cluster]: one process alone (memory) or several sharing a Redis registry and bus."""
+
+    backend: str = option(
+        "memory", "memory: this process only; redis://host:port/db (rediss:// for TLS): "
+        "a registry and control bus shared by every instance", check=check_cluster_backend)
+    username: str = option("", "Redis ACL user name (empty: the default user)")
+    password: Secret | None = option(None, "Redis password (AUTH)", secret=True)
+    tls_ca_file: str = option(
+        "", "rediss://: PEM file of the CA that signed the server's certificate (empty: "
+        "the system's trust roots); the certificate and host name are always verified")
+    instance_id: str = option(
+        "", "this instance's name in the cluster, unique per process (empty: "
+        "<hostname>-w<worker> with --worker, else <hostname>-<pid>)")
+    key_prefix: str = option("vgw:", "prefix of every Redis key and channel (several "
+                             "deployments can share one Redis)")
+    command_timeout: float = option(
+        0.25, "seconds a Redis command may take before Redis counts as down (nothing on "
+        "the media path ever waits for Redis)", minimum=0.01, maximum=10)
+    connect_timeout: float = option(2.0, "seconds to connect to Redis", minimum=0.1,
+                                    maximum=60)
+    refresh_interval: float = option(
+        2.0, "seconds between refreshes of this instance's liveness key and its calls' "
+        "TTLs", minimum=0.1, maximum=60)
+    call_ttl: float = option(
+        10.0, "seconds a call record outlives its owner's last refresh (a dead instance's "
+        "calls expire after this)", minimum=0.5, maximum=600)
+    max_cluster_calls: int = option(
+        0, "calls admitted across all instances (e.g. the Vapi account's concurrency "
+        "limit); 0: no cluster-wide limit ([gateway] max_concurrent_calls still applies to "
+        "each instance)", minimum=0, maximum=1_000_000)
+    takeover_timeout: float = option(
+        1.0, "seconds a stream's worker waits for the worker that answered the call's "
+        "webhook to hand its Vapi call over", minimum=0.05, maximum=10)
+
+    def __post_init__(self) -> None:
+        if self.call_ttl <= self.refresh_interval * 2:
+            raise ValueError("call_ttl must be more than twice refresh_interval (a record "
+                             "must survive one missed refresh)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend != "memory"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the ini file configures; each attribute is one section."""
@@ -474,6 +553,7 @@ class Settings:
     bridge: BridgeSettings = BridgeSettings()
     admin: AdminSettings = AdminSettings()
     recording: RecordingSettings = RecordingSettings()
+    cluster: ClusterSettings = ClusterSettings()
     routing: RoutingTable = RoutingTable()
     local_assistant: LocalAssistantSettings = LocalAssistantSettings()
     local_assistant_listen: str = "tcp:0:interface=127.0.0.1"

@@ -32,6 +32,9 @@ class CallRegistry(Protocol):
 
     def remove(self, call: LiveCall) -> None: ...
 
+    def update(self, call: LiveCall) -> None:
+        """Something the cluster records about ``call`` changed (stream, Vapi call)."""
+
     def get(self, call_sid: str) -> LiveCall | None: ...
 
     def __len__(self) -> int: ...
@@ -62,6 +65,9 @@ class InMemoryCallRegistry:
                 waiters, self._empty_waiters = self._empty_waiters, []
                 for waiter in waiters:
                     waiter.callback(None)
+
+    def update(self, call: LiveCall) -> None:
+        """Nothing to do: this registry holds the call object itself."""
 
     def get(self, call_sid: str) -> LiveCall | None:
         return self._calls.get(call_sid)

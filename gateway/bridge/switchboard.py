@@ -17,10 +17,10 @@ removing ended sessions from the registry.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -30,6 +30,7 @@ from gateway.bridge.outbound import OutboundCall, outbound_variables
 from gateway.bridge.recording import CallRecorder, RecordingWriter
 from gateway.bridge.registry import CallRegistry
 from gateway.bridge.session import (
+    HANDED_OVER,
     CallInfo,
     CallSession,
     CurrentLinkOwner,
@@ -44,6 +45,9 @@ from gateway.twilio.stream import Started
 from gateway.twilio.twiml import CALLED_PARAMETER, CALLER_PARAMETER
 from gateway.vapi.assistants import choose_assistant, twilio_call_overrides
 from gateway.vapi.calls import AudioFormat, CreatedCall
+
+if TYPE_CHECKING:
+    from gateway.cluster.member import ClusterMember, HandOff, Takeover
 from gateway.vapi.reactor_time import now_ns, reactor_time
 
 log = get_logger("gateway.bridge")
@@ -75,7 +79,8 @@ class Switchboard:
     def __init__(self, settings: Settings, registry: CallRegistry, admission: Admission,
                  clock: IReactorTime, vapi_calls: VapiCalls, link_factory: LinkFactory,
                  twilio_rest: TwilioHangup | None, metrics: GatewayMetrics | None = None,
-                 recordings: RecordingWriter | None = None) -> None:
+                 recordings: RecordingWriter | None = None,
+                 cluster: ClusterMember | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.admission = admission
@@ -85,6 +90,8 @@ class Switchboard:
         self._twilio_rest = twilio_rest
         self.metrics = metrics if metrics is not None else GatewayMetrics()
         self._recordings = recordings
+        #: this instance in the cluster (None: a single process, ``backend = memory``)
+        self.cluster = cluster
         self._sessions: dict[str, CallSession] = {}
         self._by_vapi_call: dict[str, CallSession] = {}
         self._outbound: dict[str, OutboundCall] = {}  # CallSid → how it was placed
@@ -99,6 +106,7 @@ class Switchboard:
             recreate_first_message=vapi.recreate_first_message or None,
             rest_available=twilio_rest is not None,
             hangup_via_rest=settings.twilio.hangup_via == "rest",
+            open_link_on_stream=cluster is not None,
         )
         self.orphans_ended = 0
 
@@ -122,8 +130,9 @@ class Switchboard:
 
     # -- opening and attaching ------------------------------------------------------------
 
-    def open_call(self, info: CallInfo) -> CallSession:
-        """An admitted call: register its session and start creating its Vapi call.
+    def open_call(self, info: CallInfo, start: bool = True) -> CallSession:
+        """An admitted call: register its session and start creating its Vapi call
+        (``start=False``: the caller starts it, e.g. once a takeover is settled).
 
         A repeated webhook for a live call (Twilio retries) returns the existing session.
         """
@@ -136,7 +145,8 @@ class Switchboard:
         self.metrics.call_started()
         session.log.info("call admitted", caller=info.caller, called=info.called,
                          active_calls=len(self._sessions))
-        session.start()
+        if start:
+            session.start()
         return session
 
     def attach_stream(self, stream: MediaSocket, started: Started,
@@ -165,9 +175,26 @@ class Switchboard:
             else:
                 info = CallInfo(started.call_sid, params.get(CALLER_PARAMETER, ""),
                                 params.get(CALLED_PARAMETER, ""), started.account_sid)
+            cluster = self.cluster
+            if cluster is not None and outbound is None:
+                # another instance may have answered its webhook and created its Vapi
+                # call: ask it for that call while the stream is already flowing here
+                taking = self.open_call(info, start=False)
+                taking.attach_stream(stream, started)
+                cluster.take_over(started.call_sid).addCallback(
+                    lambda outcome: self._took_over(taking, outcome))
+                return taking
             session = self.open_call(info)
         session.attach_stream(stream, started)
         return session
+
+    def _took_over(self, session: CallSession, outcome: Takeover) -> None:
+        session.log.info("takeover settled", outcome=outcome.reason,
+                         handed_over=outcome.created is not None)
+        if outcome.ended:
+            session.end("call-already-ended")
+        else:
+            session.start(outcome.created)
 
     # -- ending -------------------------------------------------------------------------------
 
@@ -178,20 +205,50 @@ class Switchboard:
             return None
         return session.end(cause)
 
+    def end_anywhere(self, call_sid: str, cause: str) -> Deferred[str | None]:
+        """End a call held here or by another instance of the cluster: which instance
+        holds it (None if none does, as far as anyone can tell)."""
+        if self.end_call(call_sid, cause) is not None:
+            return succeed(self.cluster.instance_id if self.cluster else "local")
+        if self.cluster is None:
+            return succeed(None)
+        return self.cluster.end_elsewhere(call_sid, cause)
+
     def call_status(self, call_sid: str, status: str) -> bool:
-        """A Twilio call status callback; a terminal status ends the call. Idempotent."""
+        """A Twilio call status callback; a terminal status ends the call (here, or on
+        the instance that holds it). Idempotent; True if it was held here."""
         if status not in TERMINAL_CALL_STATUSES:
             return False
-        return self.end_call(call_sid, "twilio-status") is not None
+        if self.end_call(call_sid, "twilio-status") is not None:
+            return True
+        if self.cluster is not None:
+            self.cluster.end_elsewhere(call_sid, "twilio-status")
+        return False
 
     def vapi_call_ended(self, vapi_call_id: str) -> bool:
         """Vapi says (by webhook) that its call ended: end the phone call too — only if
-        that Vapi call is still the phone call's current one (not one it replaced)."""
+        that Vapi call is still the phone call's current one (not one it replaced).
+        A Vapi call held by another instance is passed on to it."""
         session = self._by_vapi_call.get(vapi_call_id)
-        if session is None or session.vapi_call_id != vapi_call_id:
+        if session is None:
+            if self.cluster is not None:
+                self.cluster.vapi_ended_elsewhere(vapi_call_id)
+            return False
+        if session.vapi_call_id != vapi_call_id:
             return False
         session.end("vapi-ended")
         return True
+
+    def hand_over(self, call_sid: str) -> Deferred[HandOff]:
+        """Another instance got this call's media stream and asks for its Vapi side."""
+        session = self._sessions.get(call_sid)
+        if session is None or session.ended:
+            return succeed("ended" if self._ended_recently(call_sid) else "none")
+
+        def outcome(created: CreatedCall | None) -> HandOff:
+            return created if created is not None else "none"
+
+        return session.hand_over().addCallback(outcome)
 
     # -- the sessions' hooks ------------------------------------------------------------------
 
@@ -274,11 +331,16 @@ class Switchboard:
         if session.vapi_call_id is not None:
             self._by_vapi_call.pop(session.vapi_call_id, None)
         self._outbound.pop(session.call_sid, None)
-        self._remember_ended(session.call_sid)
+        if session.cause != HANDED_OVER:  # a handed-over call lives on elsewhere
+            self._remember_ended(session.call_sid)
         self.registry.remove(session)
         now = self.now_ns()
         self.metrics.call_ended(session.cause or "unknown", (now - session.created_ns) / 1e9,
                                 session.traffic(now))
+
+    def call_changed(self, session: CallSession) -> None:
+        if self._sessions.get(session.call_sid) is session:
+            self.registry.update(session)
 
     def barge_in(self, reaction_s: float, queued_s: float) -> None:
         self.metrics.barge_in(reaction_s, queued_s)

@@ -46,10 +46,11 @@ from typing import Final, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
-from gateway.admission import Admission
+from gateway.admission import Admission, Refusal
 from gateway.bridge.session import CallInfo, MediaSocket
 from gateway.config import Settings
 from gateway.logs import get_logger
@@ -227,18 +228,29 @@ class TwilioRoutes:
 
     # -- voice -----------------------------------------------------------------------
 
-    def voice(self, request: IRequest) -> bytes:
+    def voice(self, request: IRequest) -> bytes | Deferred[bytes]:
         """The voice webhook ("a call comes in"): busy TwiML, or ``<Connect><Stream>``."""
         try:
             form = self._authenticated_form(request, "voice")
             call_sid = _call_sid(form, "voice")
         except _WebhookRefusedError as refused:
             return refused.answer(request)
+        # a retried webhook for a call we already hold is not a new admission
+        if self._calls.holds(call_sid):
+            return self._answer_call(request, form, call_sid, None)
+        deciding = self._admission.admit_call(call_sid)
+        decided: list[Refusal | None] = []
+        deciding.addCallback(decided.append)
+        if decided:  # decided at once (no cluster-wide limit): answer in this turn
+            return self._answer_call(request, form, call_sid, decided[0])
+        return deciding.addCallback(
+            lambda _: self._answer_call(request, form, call_sid, decided[0]))
+
+    def _answer_call(self, request: IRequest, form: dict[str, str], call_sid: str,
+                     refusal: Refusal | None) -> bytes:
         caller = form.get("From", "")
         called = form.get("To", "")
         call_log = log.bind(call_sid=call_sid)
-        # a retried webhook for a call we already hold is not a new admission
-        refusal = None if self._calls.holds(call_sid) else self._admission.admit()
         if refusal is not None:
             call_log.info("call refused", reason=refusal.value, caller=caller, called=called)
             return _twiml(request, self._twiml.busy())
