@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
+from redis_server import require_redis_server, started_redis
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
@@ -35,7 +36,7 @@ reactor: Any = global_reactor
 
 @pytest.fixture(scope="module")
 def redis() -> Iterator[RedisProcess]:
-    with RedisProcess() as server:
+    with started_redis() as server:
         yield server
 
 
@@ -266,7 +267,7 @@ async def test_a_handover_that_comes_too_late_is_ended(redis_up: RedisProcess) -
     try:
         created = CreatedCall("vapi-late", SocketUrl("wss://vapi.example/late/transport"))
         slow: Deferred[HandOff] = Deferred()
-        a_calls.hand_over = lambda sid: slow  # type: ignore[method-assign]
+        a_calls.hand_over = lambda call_sid: slow  # type: ignore[method-assign,assignment]
         a.call_added(FakeCall("CA-late"))
         await a.refresh()
         outcome = await b.take_over("CA-late")
@@ -368,10 +369,8 @@ async def test_redis_killed_and_restarted_resyncs(redis_up: RedisProcess) -> Non
 @pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
 async def test_a_password_is_used_and_a_wrong_one_never_connects(
         tmp_path: Any) -> None:
-    locked = RedisProcess()
-    locked.argv = lambda executable: [  # type: ignore[method-assign]
-        *RedisProcess.argv(locked, executable), "--requirepass", "s3cret-redis"]
-    with locked:
+    require_redis_server()
+    with RedisProcess(extra_args=("--requirepass", "s3cret-redis")) as locked:
         good = ClusterSettings(backend=locked.url, password=Secret("s3cret-redis"),
                                refresh_interval=0.2, call_ttl=1.0)
         a, _ = member(good, "a")

@@ -7,7 +7,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,12 @@ from pathlib import Path
 import pytest
 from ini import minimal_ini
 
-from gateway.tools.daemon_process import DaemonProcess, free_port, twistd_path
+from gateway.tools.daemon_process import (
+    DaemonProcess,
+    free_port,
+    listening_socket,
+    twistd_path,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -104,34 +108,31 @@ def test_port_in_use_exits_non_zero(daemons: list[DaemonProcess]) -> None:
     assert not any("Traceback" in line for line in daemon.lines)
 
 
-SOCKET_ACTIVATE = """
-import os, sys
-fd = int(sys.argv[1])
-if fd != 3:
-    os.dup2(fd, 3)
-os.set_inheritable(3, True)
-os.environ["LISTEN_FDS"] = "1"
-os.environ["LISTEN_FDNAMES"] = "vapi-gateway.socket"  # systemd >= 227 always sets it
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
 def test_systemd_socket_activation(daemons: list[DaemonProcess]) -> None:
-    with socket.socket() as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen()
+    with listening_socket() as listening:
         port = listening.getsockname()[1]
-        fd = listening.fileno()
         text = base_config(port, gateway={"listen": "systemd:domain=INET:index=0"})
-        daemon = DaemonProcess(text, pass_fds=(fd,),
-                               argv_prefix=(sys.executable, "-c", SOCKET_ACTIVATE, str(fd)))
+        daemon = DaemonProcess(text, listen_socket=listening)
         daemons.append(daemon)
         daemon.start()
         daemon.wait_ready()
     # our copy is closed: the daemon serves on the inherited socket alone
     assert get(f"http://127.0.0.1:{port}/health")[0] == 200
     assert daemon.terminate(timeout=10) == 0
+
+
+def test_systemd_listen_without_an_inherited_socket_is_one_clear_line(
+        daemons: list[DaemonProcess]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    daemon = DaemonProcess(base_config(free_port(),
+                                       gateway={"listen": "systemd:domain=INET:index=0"}),
+                           env=env)
+    daemons.append(daemon)
+    daemon.start()
+    assert daemon.wait(timeout=30) != 0
+    (critical,) = [e for e in daemon.events() if e["level"] == "critical"]
+    assert "no such socket inherited from systemd" in critical["reason"]
+    assert not any("Traceback" in line for line in daemon.lines)
 
 
 def test_notify_socket_ready_and_stopping(tmp_path: Path,
@@ -149,12 +150,17 @@ def test_notify_socket_ready_and_stopping(tmp_path: Path,
         assert daemon.wait(10) == 0
 
 
-def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
+def systemd_analyze() -> str:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         if os.environ.get("CI"):
             pytest.fail("systemd-analyze missing in CI (.ci/run installs systemd)")
         pytest.skip("systemd-analyze is not installed")
+    return analyze
+
+
+def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
+    analyze = systemd_analyze()
     unit = (ROOT / "etc" / "systemd" / "vapi-gateway.service").read_text()
     assert "/opt/vapi-gateway/.venv/bin/twistd -n --pidfile= vapi-gateway --config" in unit
     # point ExecStart at this checkout's twistd so verify can check the executable
@@ -169,3 +175,52 @@ def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
         assert needed in unit
     stop = int(unit.split("TimeoutStopSec=")[1].split()[0])
     assert stop > 30  # the default drain_timeout
+
+
+def service_lines(unit: str) -> list[str]:
+    """The [Service] section's settings, comments and blank lines dropped."""
+    section = unit.split("[Service]\n", 1)[1].split("\n[Install]", 1)[0]
+    return [line for line in section.splitlines() if line and not line.startswith("#")]
+
+
+def test_systemd_analyze_accepts_the_worker_units(tmp_path: Path) -> None:
+    analyze = systemd_analyze()
+    folder = ROOT / "etc" / "systemd"
+    template = (folder / "vapi-gateway@.service").read_text()
+    socket_unit = (folder / "vapi-gateway.socket").read_text()
+    target = (folder / "vapi-gateway-workers.target").read_text()
+    # verify needs an instance of the template; the socket's Service= names worker 0
+    local = template.replace("/opt/vapi-gateway/.venv/bin/twistd", twistd_path())
+    for name, text in {"vapi-gateway@.service": local, "vapi-gateway@0.service": local,
+                       "vapi-gateway.socket": socket_unit,
+                       "vapi-gateway-workers.target": target}.items():
+        (tmp_path / name).write_text(text)
+    names = ["vapi-gateway@0.service", "vapi-gateway.socket", "vapi-gateway-workers.target"]
+    out = subprocess.run([analyze, "verify", *(str(tmp_path / name) for name in names)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "vapi-gateway" not in out.stderr, out.stderr
+
+    # the worker: notify, one shared socket, its instance number on the command line
+    lines = service_lines(template)
+    assert "Type=notify" in lines and "Sockets=vapi-gateway.socket" in lines
+    assert "Requires=vapi-gateway.socket" in template.splitlines()
+    assert any(line.startswith("After=") and "vapi-gateway.socket" in line
+               for line in template.splitlines())
+    exec_start = next(line for line in lines if line.startswith("ExecStart="))
+    assert exec_start.endswith(" --config /etc/vapi-gateway/vapi-gateway.ini --worker %i")
+    # the same hardening, secrets and timeouts as the single-process unit
+    single = service_lines((folder / "vapi-gateway.service").read_text())
+    expected = [line if not line.startswith(("ExecStart=", "ExecReload=")) else
+                line + " --worker %i" for line in single]
+    assert [line for line in lines if line != "Sockets=vapi-gateway.socket"] == expected
+
+    # the socket: one listening socket for all (no per-worker queues), Nagle off
+    settings = dict(line.split("=", 1) for line in socket_unit.splitlines()
+                    if "=" in line and not line.startswith("#"))
+    assert settings["ListenStream"] == "0.0.0.0:8080"  # matches domain=INET
+    assert settings["Accept"] == "no" and settings["ReusePort"] == "no"
+    assert settings["NoDelay"] == "true" and int(settings["Backlog"]) >= 128
+    assert settings["Service"] == "vapi-gateway@0.service"
+    assert "WantedBy=vapi-gateway-workers.target" in template
+    assert "PartOf=vapi-gateway-workers.target" in template
