@@ -15,12 +15,13 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from gateway.audio import mulaw
-from gateway.audio.playout import FRAME_NS, PlayoutBuffer
+from gateway.audio.playout import FRAME_NS, PlayoutAction, PlayoutBuffer, SendMark
 from gateway.audio.resample import PcmToTwilio, StreamingResampler, TwilioToPcm
 
 RUNS = 7
@@ -45,27 +46,54 @@ def speech_like(rate: int, seconds: float) -> np.ndarray:
     )
 
 
+ECHO_AFTER_NS = 100_000_000
+"""Twilio echoes each mark this long after it was sent (the lead, 80 ms, has played)."""
+
+
+class Echoes:
+    """Twilio's mark echoes: each mark comes back ``ECHO_AFTER_NS`` after it was sent
+    (without them the buffer holds at ``max_unconfirmed_ms`` and stops sending)."""
+
+    def __init__(self, playout: PlayoutBuffer) -> None:
+        self._playout = playout
+        self._due: deque[tuple[int, str]] = deque()
+
+    def sent(self, actions: Sequence[PlayoutAction], now: int) -> None:
+        for action in actions:
+            if type(action) is SendMark:
+                self._due.append((now + ECHO_AFTER_NS, action.name))
+
+    def arrive(self, now: int) -> None:
+        due = self._due
+        while due and due[0][0] <= now:
+            self._playout.on_mark_echo(due.popleft()[1], now)
+
+
 def bench_jitter_steady(iterations: int) -> None:
     """Vapi sends 20 ms mu-law frames in real time: push one frame, tick once."""
     playout = PlayoutBuffer()
+    echoes = Echoes(playout)
     frame = mulaw.encode(speech_like(8000, 0.02))
     now = 0
     for _ in range(iterations):
         playout.push(frame)
-        playout.tick(now)
+        echoes.arrive(now)
+        echoes.sent(playout.tick(now), now)
         now += FRAME_NS
 
 
 def bench_jitter_bursty(iterations: int) -> None:
     """Vapi sends 1 s of audio at once every 50 frames (odd sizes); one tick per frame."""
     playout = PlayoutBuffer()
+    echoes = Echoes(playout)
     burst = mulaw.encode(speech_like(8000, 1.0))
     now = 0
     for index in range(iterations):
         if index % 50 == 0:
             playout.push(burst[:4001])
             playout.push(burst[4001:])
-        playout.tick(now)
+        echoes.arrive(now)
+        echoes.sent(playout.tick(now), now)
         now += FRAME_NS
 
 
@@ -104,10 +132,12 @@ def bench_downlink_pcm16k_full(iterations: int) -> None:
     chunk = speech_like(16000, 0.02).astype("<i2").tobytes()
     transcoder = PcmToTwilio(16000)
     playout = PlayoutBuffer()
+    echoes = Echoes(playout)
     now = 0
     for _ in range(iterations):
         playout.push(transcoder.process(chunk))
-        playout.tick(now)
+        echoes.arrive(now)
+        echoes.sent(playout.tick(now), now)
         now += FRAME_NS
 
 

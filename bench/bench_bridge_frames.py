@@ -72,12 +72,14 @@ class CountingSocket:
     def __init__(self, state: MediaStreamState) -> None:
         self.state = state
         self.bytes = 0
+        self.marks: list[str] = []
 
     def send_media(self, payload: bytes) -> None:
         self.bytes += len(self.state.media_frame(payload))
 
     def send_mark(self, name: str) -> None:
         self.bytes += len(self.state.mark_frame(name))
+        self.marks.append(name)
 
     def send_clear(self) -> None:
         self.bytes += len(self.state.clear_frame())
@@ -105,7 +107,7 @@ def build(audio_format: str) -> tuple[Switchboard, Clock]:
     return board, clock
 
 
-def start_call(board: Switchboard, call_sid: str) -> tuple[CallSession, MediaStreamState]:
+def start_call(board: Switchboard, call_sid: str) -> tuple[CallSession, CountingSocket]:
     session = board.open_call(CallInfo(call_sid))
     state = MediaStreamState()
     state.receive_frame(json.dumps({"event": "connected", "protocol": "Call",
@@ -116,8 +118,9 @@ def start_call(board: Switchboard, call_sid: str) -> tuple[CallSession, MediaStr
                   "tracks": ["inbound"], "customParameters": {},
                   "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000,
                                   "channels": 1}}}).encode())
-    board.attach_stream(CountingSocket(state), started)  # type: ignore[arg-type]
-    return session, state
+    socket = CountingSocket(state)
+    board.attach_stream(socket, started)  # type: ignore[arg-type]
+    return session, socket
 
 
 def media_frames(n: int, stream_sid: str) -> list[bytes]:
@@ -130,7 +133,8 @@ def media_frames(n: int, stream_sid: str) -> list[bytes]:
 
 def bench_uplink(audio_format: str) -> float:
     board, _ = build(audio_format)
-    session, state = start_call(board, "CA-up")
+    session, socket = start_call(board, "CA-up")
+    state = socket.state
     frames = media_frames(FRAMES, "MZCA-up")
     gc.collect()
     started = time.perf_counter_ns()
@@ -142,16 +146,24 @@ def bench_uplink(audio_format: str) -> float:
 
 def bench_downlink(audio_format: str) -> float:
     board, clock = build(audio_format)
-    session, _ = start_call(board, "CA-down")
+    session, socket = start_call(board, "CA-down")
     pcm = audio_format == "pcm_s16le"
     burst = (b"\x00\x01" * 320 * 10) if pcm else (b"\x55" * 160 * 10)  # 200 ms bursts
+    marks = socket.marks
+    ripe: list[str] = []
     gc.collect()
     started = time.perf_counter_ns()
     for i in range(FRAMES):
         if i % 10 == 0:
             session.on_link_audio(burst)
+        if i % 5 == 0:  # Twilio echoes each mark once played: here 100-200 ms after it
+            for name in ripe:
+                session.on_stream_mark(name)
+            ripe = marks[:]
+            marks.clear()
         clock.advance(0.02)
         session.tick(board.now_ns())
+    assert session.playout.stats(board.now_ns()).frames_sent >= FRAMES - 10
     return (time.perf_counter_ns() - started) / FRAMES / 1000
 
 

@@ -15,19 +15,23 @@ status callback.  Phases:
 4. **concurrent**: ``--concurrent`` calls, ``--concurrency`` at a time.
 
 After each phase the simulator closes its HTTP connections and the script waits until
-the daemon's registry is empty and its descriptor count has settled, then samples: RSS
+the daemon's registry is empty and its descriptor and delayed-call counts have settled
+(each idle keep-alive connection to Vapi -- here the in-process local assistant, so
+both sides -- holds one timeout), then samples: RSS
 and peak RSS (``/proc/PID/status`` VmRSS, VmHWM), threads, open file descriptors
 (``/proc/PID/fd``), ``/health`` ``active_calls`` (the registry), and ``/metrics``
-(calls started and ended by cause, Vapi call-creation failures, reactor lag).  The
-daemon offers no count of pending reactor delayed calls; what stands in for "timers
-cancelled" is that it drains and exits 0 on SIGTERM at the end, promptly, and that
-every Vapi call it created was ended by ``end-call`` (the local assistant's log).
+(calls started and ended by cause, Vapi call-creation failures, reactor lag, and the
+reactor's pending delayed calls, ``vapi_gateway_reactor_delayed_calls``: timers left
+behind by ended calls would show as growth).  It also drains and exits 0 on SIGTERM at
+the end, promptly, and every Vapi call it created must be ended by ``end-call`` (the
+local assistant's log).
 
 Targets (``verdicts`` in the output): no call failed and no protocol violation (a
 call in which the caller hung up before hearing the assistant is counted apart: that
 is latency, and it rises on a busy host -- the assistant must be heard in
-``--min-heard`` % of calls); the fd count (within ``--max-fd-growth``) and the registry
-back to the warm-up baseline; RSS growth after warm-up under ``--max-rss-growth``
+``--min-heard`` % of calls); the fd count (within ``--max-fd-growth``), the reactor's
+delayed calls (within ``--max-timer-growth``) and the registry back to the warm-up
+baseline; RSS growth after warm-up under ``--max-rss-growth``
 (5 %); every call ended in the metrics; no error log line, no traceback, nothing but
 JSON on the daemon's stdout; every Vapi call ended by ``end-call``; SIGTERM exits 0.
 Exit status 0 when all hold, 1 otherwise.  Per phase it also prints calls/s, first
@@ -78,8 +82,9 @@ from gateway.tools.simulator.webhooks import GatewayTarget
 
 DIALLED = "+15550300001"
 SETTLE_TIMEOUT_S = 30.0
-SETTLE_STABLE_S = 0.5
-"""The fd count must stay put this long before a sample is taken."""
+SETTLE_STABLE_S = 1.5
+"""The fd and delayed-call counts must stay put this long before a sample is taken (more
+than the 1 s that Autobahn's close timers of a just-closed WebSocket may still run)."""
 
 
 @dataclass
@@ -103,6 +108,8 @@ class Sample:
     reactor_lag_probes: float
     reactor_lag_sum_s: float
     reactor_lag_probes_over_50ms: float
+    reactor_delayed_calls: float
+    """The reactor's pending delayed calls (timers) when sampled."""
 
 
 @dataclass
@@ -152,6 +159,9 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="descriptors allowed above the warm-up count (2: the daemon's "
                         "idle keep-alive connections to Vapi -- here the in-process local "
                         "assistant, so client and server side -- vary by one or two)")
+    parser.add_argument("--max-timer-growth", type=int, default=2,
+                        help="reactor delayed calls allowed above the warm-up count (2: "
+                        "like the fds, an idle keep-alive connection holds a timeout)")
     parser.add_argument("--min-heard", type=float, default=90.0, metavar="PERCENT",
                         help="calls in which the assistant must be heard before the caller "
                         "hangs up (90; a latency figure: it drops on a busy host)")
@@ -258,7 +268,8 @@ def _sample(label: str, calls_so_far: int, pid: int, port: int, admin_port: int)
         calls_ended=ended, vapi_create_failures=failures,
         reactor_lag_probes=lag_count,
         reactor_lag_sum_s=metrics.get("vapi_gateway_reactor_lag_seconds_sum", 0.0),
-        reactor_lag_probes_over_50ms=lag_count - lag_fast)
+        reactor_lag_probes_over_50ms=lag_count - lag_fast,
+        reactor_delayed_calls=metrics.get("vapi_gateway_reactor_delayed_calls", -1.0))
 
 
 # --- the calls ------------------------------------------------------------------------------
@@ -363,15 +374,16 @@ class Daemon:
         return events
 
 
-async def _settled(reactor: Any, pid: int, port: int) -> None:
-    """Wait until the registry is empty and the daemon's fd count has stopped moving."""
+async def _settled(reactor: Any, pid: int, port: int, admin_port: int) -> None:
+    """Wait until the registry is empty and the daemon's fd count and pending delayed
+    calls have stopped moving."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    last, since = -1, time.monotonic()
+    last, since = (-1, -1.0), time.monotonic()
     while time.monotonic() < deadline:
         health = json.loads(_get(f"http://127.0.0.1:{port}/health"))
-        fds = _fds(pid)
-        if fds != last or health["active_calls"]:
-            last, since = fds, time.monotonic()
+        now = (_fds(pid), _metrics(admin_port).get("vapi_gateway_reactor_delayed_calls", -1.0))
+        if now != last or health["active_calls"]:
+            last, since = now, time.monotonic()
         elif time.monotonic() - since >= SETTLE_STABLE_S:
             return
         await task.deferLater(reactor, 0.1, lambda: None)
@@ -429,7 +441,7 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
             phase.load_average = round(os.getloadavg()[0], 2)
             done += phase.calls
             await caller.hang_up_http()
-            await _settled(reactor, pid, port)
+            await _settled(reactor, pid, port, admin_port)
             samples.append(_sample(f"after {phase.name}", done, pid, port, admin_port))
         exit_code, exit_s = daemon.stop()
     finally:
@@ -469,6 +481,8 @@ def _results(args: argparse.Namespace, phases: list[Phase], samples: list[Sample
             100.0 * heard / max(1, calls) >= args.min_heard,
         "registry empty": final.active_calls == 0,
         "fds back to the warm-up count": final.fds - warm.fds <= args.max_fd_growth,
+        "reactor delayed calls back to the warm-up count":
+            final.reactor_delayed_calls - warm.reactor_delayed_calls <= args.max_timer_growth,
         f"RSS growth after warm-up under {args.max_rss_growth:g} %":
             rss_growth < args.max_rss_growth,
         "every call the daemon started has ended (metrics)":
@@ -488,6 +502,8 @@ def _results(args: argparse.Namespace, phases: list[Phase], samples: list[Sample
         "heard_percent": round(100.0 * heard / max(1, calls), 2),
         "rss_growth_after_warmup_percent": round(rss_growth, 2),
         "fd_growth_after_warmup": final.fds - warm.fds,
+        "delayed_call_growth_after_warmup":
+            final.reactor_delayed_calls - warm.reactor_delayed_calls,
         "sigterm": {"exit_code": exit_code, "seconds": exit_s},
         "logs": logs,
         "verdicts": verdicts,
@@ -511,19 +527,23 @@ def render(results: dict[str, Any]) -> str:
                      f"{phase['simulator_cpu_percent']:>9.0f}  {phase['load_average']:>4.1f}")
         for failure, count in phase["failures"].items():
             lines.append(f"               {count} x {failure}")
-    lines += ["", "sample              calls  RSS MB  peak MB  threads  fds  registry  CPU s  "
-                  "fds by kind"]
+    lines += ["", "sample              calls  RSS MB  peak MB  threads  fds  registry  timers  "
+                  "CPU s  fds by kind"]
     for s in results["samples"]:
         kinds = " ".join(f"{kind} {count}" for kind, count in s["fd_kinds"].items())
         lines.append(f"{s['label']:<19} {s['calls_so_far']:>5}  {s['rss_kb'] / 1024:>6.1f}  "
                      f"{s['peak_rss_kb'] / 1024:>7.1f}  {s['threads']:>7}  {s['fds']:>3}  "
-                     f"{s['active_calls']:>8}  {s['cpu_s']:>5.1f}  {kinds}")
+                     f"{s['active_calls']:>8}  {s['reactor_delayed_calls']:>6.0f}  "
+                     f"{s['cpu_s']:>5.1f}  {kinds}")
     final = results["samples"][-1]
     logs = results["logs"]
     lines += [
         "",
         f"RSS growth after warm-up: {results['rss_growth_after_warmup_percent']:+.2f} %; "
-        f"fds after warm-up: {results['fd_growth_after_warmup']:+d}",
+        f"fds after warm-up: {results['fd_growth_after_warmup']:+d}; reactor delayed calls "
+        f"after warm-up: {results['delayed_call_growth_after_warmup']:+.0f} (baseline "
+        f"{results['samples'][0]['reactor_delayed_calls']:.0f}, final "
+        f"{final['reactor_delayed_calls']:.0f})",
         f"calls ended by cause: {final['calls_ended']}; Vapi create failures: "
         f"{final['vapi_create_failures']:.0f}",
         f"Vapi calls: {logs['vapi_calls_created']} created, {logs['vapi_calls_ended']} ended "

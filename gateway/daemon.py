@@ -40,11 +40,14 @@ from gateway.bridge.outbound import OutboundCalls
 from gateway.bridge.recording import RecordingWriter
 from gateway.bridge.registry import CallRegistry, InMemoryCallRegistry
 from gateway.bridge.switchboard import PlayoutClock, Switchboard
+from gateway.cluster.member import ClusterMember, default_instance_id
+from gateway.cluster.redis_client import RedisTarget, endpoint_connector
+from gateway.cluster.registry import ClusterRegistry
 from gateway.config import Settings
 from gateway.health import HealthRoutes
 from gateway.http_limits import LimitedSite, admin_http_limits, public_http_limits
 from gateway.logs import get_logger
-from gateway.metrics import GatewayMetrics, MeteredResource, ReactorLagProbe
+from gateway.metrics import ClusterMetrics, GatewayMetrics, MeteredResource, ReactorLagProbe
 from gateway.systemd import Notifier, WatchdogService, watchdog_interval
 from gateway.tools.local_assistant.server import LocalAssistant
 from gateway.twilio.media import media_stream_factory
@@ -150,6 +153,9 @@ class GatewayService(MultiService):
         self.listener = listener
         self.notifier = notifier
         self.drained: Deferred[None] | None = None
+        #: after the calls: wait for Vapi calls still being ended (late POST /call
+        #: answers, orphans' sockets), so none outlives the daemon
+        self.settle_vapi: Callable[[], Deferred[None]] | None = None
 
     def status_line(self) -> str:
         state = "draining" if self.admission.draining else "serving"
@@ -192,6 +198,11 @@ class GatewayService(MultiService):
         self.notifier.notify("STOPPING=1", f"STATUS={self.status_line()}")
         log.info("draining", active_calls=len(registry), drain_timeout=timeout)
         had_calls = len(registry) > 0
+        if self.settings.cluster.enabled:
+            # the other instances take new connections (on a shared socket, systemd keeps
+            # it open for them); this one's calls still reach it through the cluster
+            log.info("draining: leaving new connections to the other instances")
+            yield self.listener.stopService()
         finished = yield _within(registry.when_empty(), timeout, self.clock)
         if finished and had_calls and self.settings.gateway.drain_grace:
             # the calls' status callbacks are still on their way
@@ -202,6 +213,10 @@ class GatewayService(MultiService):
                                   self.clock)
             if not ended:
                 log.error("calls did not finish ending", active_calls=len(registry))
+        if self.settle_vapi is not None:
+            settled = yield _within(self.settle_vapi(), END_GRACE_SECONDS, self.clock)
+            if not settled:
+                log.warning("vapi calls still being ended at exit")
         yield super().stopService()  # closes the listening port
         self.notifier.close()
         log.info("stopped")
@@ -239,16 +254,18 @@ class Gateway:
 def build_gateway(settings: Settings, reactor: IReactorCore,
                   environ: Mapping[str, str] | None = None,
                   handle_sigterm: bool = False, http_client: Any = None,
-                  link_connector: Any = None) -> Gateway:
+                  link_connector: Any = None, worker: int | None = None) -> Gateway:
     """Join settings, reactor, registry, both legs, routes and services into a Gateway.
 
     ``http_client`` (treq-like, for Vapi's and Twilio's REST APIs) and
     ``link_connector`` (opens Vapi call sockets) default to the real network ones.
+    worker: this process's number among the host's workers (systemd template instance), or None
     """
     clock: IReactorTime = reactor  # type: ignore[assignment]
-    registry = InMemoryCallRegistry()
-    admission = Admission(registry, settings.gateway.max_concurrent_calls)
     metrics = GatewayMetrics()
+    member = _cluster_member(settings, reactor, worker, metrics)
+    registry: CallRegistry = ClusterRegistry(member) if member else InMemoryCallRegistry()
+    admission = Admission(registry, settings.gateway.max_concurrent_calls, cluster=member)
     http = http_client if http_client is not None else _http_client(reactor)
     connector = link_connector if link_connector is not None else tls_connector(reactor)
     vapi = settings.vapi
@@ -259,14 +276,22 @@ def build_gateway(settings: Settings, reactor: IReactorCore,
         local, api_url = _start_local_assistant(settings, reactor, api_key)
     twilio_rest = _twilio_rest(settings, http, clock)
     recordings = _recording_writer(settings, reactor)
-    switchboard = Switchboard(settings, registry, admission, clock,
-                              _vapi_calls(settings, api_url, api_key, http, clock),
+
+    def end_late_vapi_call(created: CreatedCall) -> None:  # called only once running
+        switchboard.end_orphan(created)
+
+    vapi_calls = _vapi_calls(settings, api_url, api_key, http, clock, metrics,
+                             end_late_vapi_call)
+    switchboard = Switchboard(settings, registry, admission, clock, vapi_calls,
                               _link_factory(settings, api_key, clock, connector),
-                              twilio_rest, metrics, recordings)
+                              twilio_rest, metrics, recordings, cluster=member)
+    if member is not None:
+        member.local = switchboard
     metrics.watch(switchboard, lambda: {r.value: n for r, n in admission.refused.items()})
+    metrics.watch_reactor(clock)
 
     app = Klein()
-    HealthRoutes(admission, clock).register(
+    HealthRoutes(admission, clock, worker=worker).register(
         app, settings.gateway.health_path, settings.gateway.ready_path)
     twilio = settings.twilio
     validator = signature_validator_from(settings)
@@ -290,6 +315,15 @@ def build_gateway(settings: Settings, reactor: IReactorCore,
     listener = Listener(reactor, settings.gateway.listen, site)
     notifier = Notifier(environ)
     root = GatewayService(settings, reactor, admission, listener, notifier, handle_sigterm)
+
+    @inlineCallbacks
+    def settle_vapi() -> Any:
+        yield vapi_calls.when_settled()  # late answers are handed to end_orphan
+        yield switchboard.when_orphans_ended()
+
+    root.settle_vapi = settle_vapi
+    if member is not None:  # joins before the port opens; leaves after the drain
+        member.setServiceParent(root)
     PlayoutClock(switchboard, clock).setServiceParent(root)
     ReactorLagProbe(metrics, clock, settings.admin.reactor_lag_interval).setServiceParent(root)
     listener.setServiceParent(root)
@@ -307,11 +341,45 @@ def build_gateway(settings: Settings, reactor: IReactorCore,
                  clock=clock, outbound=outbound).register(admin_app)
         admin_site = LimitedSite(admin_app.resource(),
                                  admin_http_limits(settings, ADMIN_MAX_BODY_BYTES), reactor=clock)
-        Listener(reactor, settings.admin.listen, admin_site, "admin").setServiceParent(root)
+        Listener(reactor, worker_endpoint(settings.admin.listen, worker), admin_site,
+                 "admin").setServiceParent(root)
     interval = watchdog_interval(environ)
     if interval is not None and notifier.enabled:
         WatchdogService(notifier, interval, clock, root.status_line).setServiceParent(root)
     return Gateway(root, app, site, registry, admission, switchboard, metrics, admin_app)
+
+
+def worker_endpoint(description: str, worker: int | None) -> str:
+    """The admin listener of worker N on a host: a ``tcp:`` port moves up by N (each
+    worker has its own metrics and admin API); other kinds are used as they are."""
+    kind, _, rest = description.partition(":")
+    if worker is None or kind not in ("tcp", "tcp6") or not rest:
+        return description
+    port, sep, options = rest.partition(":")
+    if port.startswith("port="):
+        return f"{kind}:port={int(port[5:]) + worker}{sep}{options}"
+    if port.isdigit() and int(port) != 0:
+        return f"{kind}:{int(port) + worker}{sep}{options}"
+    return description
+
+
+def _cluster_member(settings: Settings, reactor: Any, worker: int | None,
+                    metrics: GatewayMetrics) -> ClusterMember | None:
+    """``[cluster] backend = redis://…``: this instance's membership (None: memory)."""
+    cluster = settings.cluster
+    if not cluster.enabled:
+        return None
+    cluster_metrics = ClusterMetrics(metrics.registry)
+    instance_id = cluster.instance_id or default_instance_id(worker)
+    target = RedisTarget.from_settings(cluster)
+    try:
+        connect = endpoint_connector(reactor, target, cluster.connect_timeout)
+    except OSError as exc:  # the CA file
+        raise ListenFailed(f"vapi-gateway: [cluster] tls_ca_file: {exc.strerror}") from None
+    log.info("cluster member", instance=instance_id, redis=str(target), worker=worker)
+    return ClusterMember(cluster, reactor, connect, instance_id=instance_id, worker=worker,
+                         ended_ttl_s=settings.twilio.stream_token_ttl,
+                         events=cluster_metrics.event, redis_state=cluster_metrics.redis_state)
 
 
 def route_labels(settings: Settings) -> dict[str, str]:
@@ -373,12 +441,22 @@ def _recording_writer(settings: Settings, reactor: Any) -> RecordingWriter | Non
 
 
 def _vapi_calls(settings: Settings, api_url: str, api_key: str, http: Any,
-                clock: IReactorTime) -> CallCreator:
+                clock: IReactorTime, metrics: GatewayMetrics,
+                end_orphan: Callable[[CreatedCall], None]) -> CallCreator:
+    """The Vapi call creator.  A call created by a POST /call that had timed out (the
+    retry served the phone call) is counted and ended with ``end_orphan``."""
     vapi = settings.vapi
+
+    def end_late_call(created: CreatedCall) -> None:
+        metrics.vapi_late_call_ended()
+        end_orphan(created)
+
     return CallCreator(VapiApiSettings(
         api_key=api_key, api_url=api_url,
         request_timeout_ns=int(vapi.request_timeout * NS_PER_SECOND),
-        retries=vapi.request_retries), http, clock)
+        retries=vapi.request_retries), http, clock,
+        on_late_call=end_late_call,
+        on_late_request_abandoned=metrics.vapi_late_create_abandoned)
 
 
 def _link_factory(settings: Settings, api_key: str, clock: IReactorTime, connector: Any

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from twisted.application.service import Service
@@ -69,6 +69,17 @@ TRAFFIC = {
     "underruns": ("downlink_underruns_total", {}, "gaps Twilio's queue ran dry mid-speech"),
     "underrun_ms": ("downlink_underrun_ms_total", {}, "audible gap time, ms"),
     "overflow_drops": ("downlink_overflow_drops_total", {}, "assistant audio dropped, buffer full"),
+    "overflow_dropped_frames": ("downlink_frames_dropped_total", {},
+                                "assistant audio dropped from a full playout buffer, in "
+                                "20 ms frames"),
+    "unconfirmed_holds": ("downlink_holds_total", {"cause": "unconfirmed"},
+                          "times sending to Twilio was held by back-pressure, by cause "
+                          "(unconfirmed: max_unconfirmed_ms awaiting mark echoes; "
+                          "transport: the socket's write buffer full)"),
+    "paused_holds": ("downlink_holds_total", {"cause": "transport"},
+                     "times sending to Twilio was held by back-pressure, by cause"),
+    "held_ms": ("downlink_held_ms_total", {}, "time sending to Twilio was held by "
+                "back-pressure, ms"),
     "uplink_dropped": ("uplink_dropped_frames_total", {}, "caller frames dropped (link down)"),
     "keepalive_frames": ("uplink_keepalive_frames_total", {}, "silence frames sent to Vapi"),
     "reconnects": ("vapi_link_reconnects_total", {}, "Vapi call-socket reconnect attempts"),
@@ -103,6 +114,14 @@ class GatewayMetrics:
         self.vapi_create_failures = Counter(
             f"{PREFIX}_vapi_call_create_failures", "Vapi call creation failures, by kind",
             ["kind"], registry=r)
+        self.vapi_late_calls_ended = Counter(
+            f"{PREFIX}_vapi_late_calls_ended",
+            "Vapi calls created by a POST /call that had timed out (the retry served the "
+            "call), ended on arrival", registry=r)
+        self.vapi_late_creates_abandoned = Counter(
+            f"{PREFIX}_vapi_late_creates_abandoned",
+            "timed-out POST /call requests cancelled unanswered at the late-answer limit: "
+            "a Vapi call each may have created was never ended by the gateway", registry=r)
         self.webhook_requests = Counter(
             f"{PREFIX}_webhook_requests", "HTTP requests on the public port, by route and status",
             ["route", "status"], registry=r)
@@ -128,6 +147,10 @@ class GatewayMetrics:
         self._refusals = refusals
         self.registry.register(_ScrapeTimeCollector(self))
 
+    def watch_reactor(self, clock: IReactorTime) -> None:
+        """Count the reactor's pending delayed calls (timers) on every scrape."""
+        self.registry.register(_DelayedCallsCollector(clock))
+
     # -- events -------------------------------------------------------------------------------
 
     def call_started(self) -> None:
@@ -150,6 +173,12 @@ class GatewayMetrics:
 
     def vapi_call_failed(self, kind: str) -> None:
         self.vapi_create_failures.labels(bounded_label(kind, self._kinds)).inc()
+
+    def vapi_late_call_ended(self) -> None:
+        self.vapi_late_calls_ended.inc()
+
+    def vapi_late_create_abandoned(self) -> None:
+        self.vapi_late_creates_abandoned.inc()
 
     def webhook_request(self, route: str, status: int) -> None:
         self.webhook_requests.labels(route, str(status)).inc()
@@ -183,12 +212,14 @@ class _ScrapeTimeCollector(Collector):
         totals = dict(metrics.ended_traffic)
         leads: list[float] = []
         depths: list[float] = []
+        unconfirmed: list[float] = []
         for session in sessions:
             traffic = session.traffic(now)
             for key in totals:
                 totals[key] += traffic.get(key, 0.0)
             leads.append(traffic.get("lead_ms", 0.0))
             depths.append(traffic.get("buffered_ms", 0.0))
+            unconfirmed.append(traffic.get("unconfirmed_ms", 0.0))
         active = GaugeMetricFamily(f"{PREFIX}_calls_active", "calls in progress")
         active.add_metric([], len(sessions))
         yield active
@@ -204,7 +235,9 @@ class _ScrapeTimeCollector(Collector):
             violations.add_metric(["twilio", kind], count)
         yield from families.values()
         for name, values, doc in (("playout_lead_ms", leads, "audio queued at Twilio, ms"),
-                                  ("buffer_depth_ms", depths, "assistant audio held, ms")):
+                                  ("buffer_depth_ms", depths, "assistant audio held, ms"),
+                                  ("unconfirmed_ms", unconfirmed,
+                                   "audio sent to Twilio, not yet confirmed played, ms")):
             gauge = GaugeMetricFamily(f"{PREFIX}_{name}", doc + " (over active calls)",
                                       labels=["stat"])
             gauge.add_metric(["max"], max(values, default=0.0))
@@ -215,6 +248,23 @@ class _ScrapeTimeCollector(Collector):
         for reason, count in (metrics._refusals() if metrics._refusals else {}).items():
             refused.add_metric([reason], count)
         yield refused
+
+
+class _DelayedCallsCollector(Collector):
+    """The reactor's pending delayed calls, counted when Prometheus scrapes: a count
+    that keeps growing while the calls do not is a timer left behind."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        gauge = GaugeMetricFamily(f"{PREFIX}_reactor_delayed_calls",
+                                  "delayed calls (timers) pending in the reactor")
+        gauge.add_metric([], len(self._clock.getDelayedCalls()))
+        yield gauge
 
 
 class MeteredResource(Resource):
@@ -275,3 +325,45 @@ class ReactorLagProbe(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+
+
+class ClusterMetrics:
+    """The cluster's metrics (``[cluster] backend = redis://…``), in the daemon's registry.
+
+    ``events(kind, label)`` is the :class:`~gateway.cluster.member.ClusterMember`'s one
+    hook: kinds are bus traffic, takeovers, fallbacks to local-only handling and Redis
+    errors; labels are message types, outcomes and operations (bounded sets).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.redis_up = Gauge(f"{PREFIX}_cluster_redis_up",
+                              "1 while Redis answers this instance, else 0", registry=r)
+        self.fallbacks = Counter(
+            f"{PREFIX}_cluster_fallbacks",
+            "requests handled by this instance alone because Redis could not answer, by "
+            "operation", ["operation"], registry=r)
+        self.redis_errors = Counter(f"{PREFIX}_cluster_redis_errors",
+                                    "Redis reads and writes that failed, by operation",
+                                    ["operation"], registry=r)
+        self.bus_messages = Counter(f"{PREFIX}_cluster_bus_messages",
+                                    "control-bus messages, by direction and type",
+                                    ["direction", "type"], registry=r)
+        self.takeovers = Counter(f"{PREFIX}_cluster_takeovers",
+                                 "streams that reached an instance other than their "
+                                 "webhook's, by outcome", ["outcome"], registry=r)
+        self._labels: set[str] = set()
+
+    def redis_state(self, up: bool) -> None:
+        self.redis_up.set(1 if up else 0)
+
+    def event(self, kind: str, label: str) -> None:
+        value = bounded_label(label, self._labels)
+        if kind == "fallback":
+            self.fallbacks.labels(value).inc()
+        elif kind == "redis-error":
+            self.redis_errors.labels(value).inc()
+        elif kind in ("bus-sent", "bus-received", "bus-bad"):
+            self.bus_messages.labels(kind.removeprefix("bus-"), value).inc()
+        elif kind == "takeover":
+            self.takeovers.labels(value).inc()

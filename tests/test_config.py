@@ -121,6 +121,9 @@ SECTION_PROBLEMS = [
      r"need playout_lead_min_ms <= playout_lead_ms <= playout_lead_max_ms"),
     ({"bridge": {"barge_in_signals": "user-interrupted,shout"}},
      r"barge_in_signals: allowed items"),
+    ({"bridge": {"max_unconfirmed_ms": "300"}},
+     r"need max_unconfirmed_ms = 0 or at least playout_lead_max_ms \+ 20 ms x mark_every_frames"),
+    ({"bridge": {"mark_every_frames": "50"}}, r"need max_unconfirmed_ms = 0 or at least"),
 ]
 
 

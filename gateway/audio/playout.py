@@ -18,7 +18,8 @@ How the bridge uses it (one buffer per call):
 
 - each Vapi binary frame (mu-law, or PCM through ``PcmToTwilio``): ``push``,
   then ``tick(now)`` at once so speech starts without waiting for the next tick;
-- every 20 ms: ``tick(now)``; send the actions to Twilio in order;
+- every 20 ms: ``tick(now)``; send the actions to Twilio in order (``tick(now,
+  paused=True)`` while the socket's transport cannot take more: see Back-pressure);
 - Vapi ``speech-update`` assistant/stopped: ``end_of_utterance()``;
 - Vapi ``user-interrupted`` or ``speech-update`` user/started: ``barge_in(now)``
   (and ``reset()`` any ``PcmToTwilio``, so no tail of the old speech leaks out);
@@ -107,6 +108,39 @@ here (no start-up delay is ever added).  The rule:
   (at least one frame, PJSIP style), never below ``min_lead_ms``, and starts
   a new period.  Without that evidence (e.g. audio arriving just in time, so
   the lead is never in force) the target does not shrink.
+
+Back-pressure
+-------------
+The queue model only says what Twilio *should* hold; a Twilio side that stops reading
+its socket would still be fed in real time, the kernel's buffers would absorb seconds
+of audio, and the caller would hear it late, all at once.  Two limits stop that:
+
+- *Unconfirmed audio*: frames sent in this generation and not yet confirmed played
+  by a mark echo are at most ``max_unconfirmed_ms`` (whole frames, rounded down;
+  0: no limit).  Everything Twilio holds, plus everything on the way to it, is
+  unconfirmed, so the limit bounds both, whatever the model says.  Normal playout
+  never meets it: unconfirmed audio is about the lead plus a mark interval plus
+  one round trip, and the limit must be at least ``max_lead_ms`` plus
+  ``mark_every_frames`` frames (so a mark is always among the unconfirmed frames
+  and its echo can release the hold).
+- *A paused transport*: ``tick(now, paused=True)`` (the socket's write buffer is
+  full) sends nothing at all.
+
+While either holds, audio waits in the bounded local buffer (whose overflow drops
+the oldest, counted) and the utterance is not finished (its closing mark waits
+too).  Sending resumes on the first tick after echoes come back or the transport
+drains.  The model ran dry meanwhile, but that gap is back-pressure, not late
+delivery: it is not an underrun and does not grow the lead.  Holds are counted by
+cause (``unconfirmed_holds``, ``paused_holds``) with their total time
+(``held_ms``): a hold begins when audio the lead asks for cannot go, and ends when
+nothing waits or when, the transport not paused, at least ``mark_every_frames``
+frames of the limit are left unused after a tick (after a stall, echoes that each
+release a few frames straight back into the limit are one hold).  A ``clear`` or
+a new stream leaves nothing unconfirmed and ends any hold.
+
+The model is not moved by a hold: after a stall it says Twilio ran dry while
+Twilio still holds up to the limit; sending is then paced by the echoes (the limit
+bounds what Twilio holds) until the local backlog is played or cleared.
 
 Barge-in
 --------
@@ -225,6 +259,9 @@ class PlayoutConfig:
     """Barge-in signals within this time of a counted barge-in are the same barge-in."""
     utterance_timeout_ms: int = 1_000
     """No new audio for this long (and less than a frame buffered) closes the utterance."""
+    max_unconfirmed_ms: int = 1_000
+    """At most this much audio is sent and not yet confirmed played by a mark echo; past
+    it, sending holds and audio waits in the local buffer (0: no limit)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.min_lead_ms <= self.initial_lead_ms <= self.max_lead_ms:
@@ -239,6 +276,15 @@ class PlayoutConfig:
             raise ValueError("lead_shrink_hold_ms and barge_in_window_ms must not be negative")
         if self.utterance_timeout_ms < 20:
             raise ValueError("utterance_timeout_ms must be at least one frame (20 ms)")
+        if self.max_unconfirmed_ms < 0 or (
+            self.max_unconfirmed_ms
+            and self.max_unconfirmed_ms // 20
+            < -(-self.max_lead_ms // 20) + self.mark_every_frames
+        ):
+            raise ValueError(
+                "max_unconfirmed_ms must be 0 (no limit) or at least max_lead_ms plus "
+                "mark_every_frames frames of 20 ms"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +330,14 @@ class PlayoutStats:
     utterances: int
     last_mark_echo_lag_ms: float | None
     """Echo arrival minus the model's finish time, for the last echoed mark (about one RTT)."""
+    unconfirmed_ms: float
+    """Audio sent in this generation and not yet confirmed played by a mark echo."""
+    unconfirmed_holds: int
+    """Times sending was held because ``max_unconfirmed_ms`` was reached."""
+    paused_holds: int
+    """Times sending was held because the transport was paused."""
+    held_ms: float
+    """Total time sending was held by either (the current hold included)."""
 
 
 def _frames_up(duration_ns: int) -> int:
@@ -308,6 +362,8 @@ class PlayoutBuffer:
         "_generation",
         "_generation_start",
         "_held_back",
+        "_held_ns",
+        "_held_since_ns",
         "_in_utterance",
         "_last_arrival_ns",
         "_last_barge_in_ns",
@@ -317,12 +373,14 @@ class PlayoutBuffer:
         "_last_tick_ns",
         "_marks_sent",
         "_max_lead_ns",
+        "_max_unconfirmed_frames",
         "_min_echo_lag_ns",
         "_min_lead_ns",
         "_outstanding",
         "_overflow_bytes",
         "_overflow_drops",
         "_padded_frames",
+        "_paused_holds",
         "_peak_buffered",
         "_period_max_echo_jitter_ns",
         "_period_max_interval_ns",
@@ -332,6 +390,7 @@ class PlayoutBuffer:
         "_pushed_total",
         "_stale_echoes",
         "_target_lead_ns",
+        "_unconfirmed_holds",
         "_underrun_ns",
         "_underruns",
         "_utterance_timeouts",
@@ -347,6 +406,8 @@ class PlayoutBuffer:
         self._min_lead_ns = _frames_up(cfg.min_lead_ms * _NS_PER_MS)
         self._max_lead_ns = _frames_up(cfg.max_lead_ms * _NS_PER_MS)
         self._target_lead_ns = _frames_up(cfg.initial_lead_ms * _NS_PER_MS)
+        # frames that may be unconfirmed at once ("no limit": more than can ever be sent)
+        self._max_unconfirmed_frames = cfg.max_unconfirmed_ms // 20 or 1 << 62
         self._play_until_ns = -(1 << 62)  # "long ago": nothing queued
         self._last_now_ns = -(1 << 62)
         self._generation = 0
@@ -384,6 +445,10 @@ class PlayoutBuffer:
         self._barge_in_cut_ns = 0
         self._utterances = 0
         self._last_echo_lag_ns: int | None = None
+        self._held_since_ns: int | None = None  # when the current hold began
+        self._held_ns = 0
+        self._unconfirmed_holds = 0
+        self._paused_holds = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -407,6 +472,16 @@ class PlayoutBuffer:
         """True from the first audio of an utterance until all of it has been sent."""
         return self._in_utterance
 
+    @property
+    def unconfirmed_frames(self) -> int:
+        """Frames sent in this generation that no mark echo has confirmed played yet."""
+        return self._frames_sent - self._confirmed
+
+    @property
+    def held(self) -> bool:
+        """True while back-pressure holds audio the lead asks for (see the module docstring)."""
+        return self._held_since_ns is not None
+
     def queued_at_twilio_ns(self, now_ns: int) -> int:
         """Audio Twilio still holds at ``now_ns``, by the model, at most the unconfirmed frames."""
         queued = self._play_until_ns - now_ns
@@ -418,6 +493,9 @@ class PlayoutBuffer:
     def stats(self, now_ns: int) -> PlayoutStats:
         """Snapshot of the counters; ``now_ns`` is needed for the current lead."""
         lag = self._last_echo_lag_ns
+        held_ns = self._held_ns
+        if self._held_since_ns is not None:
+            held_ns += max(0, now_ns - self._held_since_ns)
         return PlayoutStats(
             frames_sent=self._frames_sent,
             bytes_sent=self._bytes_sent,
@@ -439,6 +517,10 @@ class PlayoutBuffer:
             generation=self._generation,
             utterances=self._utterances,
             last_mark_echo_lag_ms=None if lag is None else lag / _NS_PER_MS,
+            unconfirmed_ms=(self._frames_sent - self._confirmed) * FRAME_NS / _NS_PER_MS,
+            unconfirmed_holds=self._unconfirmed_holds,
+            paused_holds=self._paused_holds,
+            held_ms=held_ns / _NS_PER_MS,
         )
 
     # ------------------------------------------------------------------ input
@@ -475,8 +557,12 @@ class PlayoutBuffer:
 
     # ------------------------------------------------------------------ playout
 
-    def tick(self, now_ns: int) -> Sequence[PlayoutAction]:
-        """Decide what to send to Twilio at ``now_ns`` (integer nanoseconds, monotonic)."""
+    def tick(self, now_ns: int, paused: bool = False) -> Sequence[PlayoutAction]:
+        """Decide what to send to Twilio at ``now_ns`` (integer nanoseconds, monotonic).
+
+        ``paused``: the transport to Twilio cannot take more now; nothing is sent and
+        the audio waits here (see Back-pressure in the module docstring).
+        """
         now_ns = max(now_ns, self._last_now_ns)
         self._last_now_ns = now_ns
         if not self._in_utterance:
@@ -499,7 +585,12 @@ class PlayoutBuffer:
 
         queued = self._play_until_ns - now_ns
         if queued < 0:
-            if self._frames_in_utterance and buffer and not timed_out:
+            if (
+                self._frames_in_utterance
+                and buffer
+                and not timed_out
+                and self._held_since_ns is None  # a gap made by back-pressure is not one
+            ):
                 # Twilio ran dry mid-utterance and we have audio again: an underrun.
                 # (A partial frame always goes out now, padded: Twilio is dry.)
                 gap = -queued
@@ -518,6 +609,13 @@ class PlayoutBuffer:
 
         max_frames = self.config.max_catch_up_frames
         room = min((target - queued) // FRAME_NS, max_frames)
+        # back-pressure: the transport is paused, or the unconfirmed audio is at its limit
+        allowed = (
+            0 if paused else self._max_unconfirmed_frames - self._frames_sent + self._confirmed
+        )
+        limited = room > allowed
+        if limited:
+            room = allowed
         count = min(room, len(buffer) // FRAME_BYTES)
         actions: list[PlayoutAction] | None = None
         if count > 0:
@@ -543,9 +641,28 @@ class PlayoutBuffer:
             self._send_frame(bytes(buffer) + padding, now_ns, actions)
             buffer.clear()
 
-        if self._finishing and not buffer:
+        if limited and buffer:  # audio the lead asks for has to wait
+            if self._held_since_ns is None:
+                self._held_since_ns = now_ns
+                if paused:
+                    self._paused_holds += 1
+                else:
+                    self._unconfirmed_holds += 1
+        elif self._held_since_ns is not None and (
+            not buffer
+            or (
+                not paused
+                and self._max_unconfirmed_frames - self._frames_sent + self._confirmed
+                >= self.config.mark_every_frames
+            )
+        ):
+            # over when nothing waits, or when a mark interval of slack is left (each
+            # echo releasing a few frames straight back into the limit is one long hold)
+            self._end_hold(now_ns)
+        if self._finishing and not buffer and not paused:
             actions = self._finish_utterance(actions)
-        self._held_back = len(buffer) >= FRAME_BYTES
+        # the lead is in force only if the lead (not back-pressure) left the audio behind
+        self._held_back = not limited and len(buffer) >= FRAME_BYTES
         self._last_tick_ns = now_ns
         return _NO_ACTIONS if actions is None else actions
 
@@ -562,6 +679,8 @@ class PlayoutBuffer:
         self._finishing = False
         self._held_back = False
         self._frames_in_utterance = 0
+        if self._held_since_ns is not None:  # nothing is left to hold
+            self._end_hold(now_ns)
         actions: tuple[PlayoutAction, ...] = _NO_ACTIONS
         if not repeated or self._frames_sent > self._generation_start:
             actions = (SEND_CLEAR,)
@@ -598,6 +717,8 @@ class PlayoutBuffer:
         self._play_until_ns = now_ns
         self._held_back = False
         self._frames_in_utterance = 0
+        if self._held_since_ns is not None:  # the new stream holds nothing unconfirmed
+            self._end_hold(now_ns)
         if not keep_buffered:
             self._buffer.clear()
             self._in_utterance = False
@@ -680,6 +801,11 @@ class PlayoutBuffer:
         self._finishing = False
         self._frames_in_utterance = 0
         return actions
+
+    def _end_hold(self, now_ns: int) -> None:
+        assert self._held_since_ns is not None
+        self._held_ns += now_ns - self._held_since_ns
+        self._held_since_ns = None
 
     def _grow_lead(self, gap_ns: int) -> None:
         self._target_lead_ns = min(self._max_lead_ns, _frames_up(self._target_lead_ns + gap_ns))

@@ -11,7 +11,10 @@ stream starts.  It then carries audio both ways:
   ``reconnect_audio_ms`` of it kept) — stale speech is never replayed.
 - **downlink** (Vapi → caller): Vapi's bursts go into the sans-io
   :class:`~gateway.audio.playout.PlayoutBuffer`, which decides on every playout tick
-  (and right after each burst) which 20 ms frames and marks go to Twilio.
+  (and right after each burst) which 20 ms frames and marks go to Twilio.  Sending
+  holds (the audio waits in that bounded buffer) while ``[bridge] max_unconfirmed_ms``
+  of audio awaits its mark echoes, or while the media socket's transport is full
+  (:meth:`CallSession.on_stream_paused`): a Twilio side that stops reading is not fed.
 - **barge-in**: on Vapi's ``user-interrupted`` (and/or a user ``speech-update``), in
   the same reactor turn, the local buffer is emptied, Twilio gets ``clear`` and the
   generation is bumped.
@@ -87,8 +90,12 @@ MAX_RECREATES = 2
 #: End causes that mean the call ended on purpose, so the caller need not hear the
 #: fallback message (a REST hang-up is used when the account SID is configured).
 NORMAL_END_CAUSES = frozenset({"vapi-ended", "admin-hangup", "max-duration"})
-#: End causes after which Twilio's side is already gone: no hang-up needed.
-CALLER_GONE_CAUSES = frozenset({"twilio-stop", "twilio-status", "twilio-socket-closed"})
+#: The call moved to another instance with its media stream: its Vapi call and the
+#: caller live on there, so nothing is ended here.
+HANDED_OVER = "handed-over"
+#: End causes after which Twilio's side is already gone (or elsewhere): no hang-up.
+CALLER_GONE_CAUSES = frozenset({"twilio-stop", "twilio-status", "twilio-socket-closed",
+                                HANDED_OVER})
 
 
 class MediaSocket(Protocol):
@@ -131,6 +138,9 @@ class SessionPolicy:
     recreate_first_message: str | None = None
     rest_available: bool = False
     hangup_via_rest: bool = False
+    #: Open the Vapi socket only once this instance has the call's media stream (in a
+    #: cluster, so the call's Vapi side can still be handed to another instance).
+    open_link_on_stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,8 @@ class CallCounters:
     link_give_ups: int = 0
     vapi_bad_frames: int = 0
     streams: int = 0
+    stream_pauses: int = 0
+    """Times the media socket's transport paused (its write buffer full)."""
     first_uplink_ms: float | None = None
     first_downlink_ms: float | None = None
 
@@ -180,6 +192,9 @@ class SessionHooks(Protocol):
     def hang_up_twilio(self, session: CallSession) -> Deferred[None] | None: ...
 
     def session_ended(self, session: CallSession) -> None: ...
+
+    def call_changed(self, session: CallSession) -> None:
+        """The call's stream or Vapi call changed (the cluster registry records them)."""
 
     def barge_in(self, reaction_s: float, queued_s: float) -> None: ...
 
@@ -208,6 +223,7 @@ class CallSession:
         self.recording: CallRecorder | None = None
         self._created: CreatedCall | None = None
         self._creating: Deferred[CreatedCall] | None = None
+        self._handover: Deferred[CreatedCall | None] | None = None
         self._ended: Deferred[None] | None = None
         self._done_waiters: list[Deferred[None]] = []
         self.policy = policy
@@ -229,7 +245,9 @@ class CallSession:
             max_buffer_ms=int(settings.buffer_seconds * 1000),
             mark_every_frames=settings.mark_every_frames,
             barge_in_window_ms=settings.barge_in_window_ms,
+            max_unconfirmed_ms=settings.max_unconfirmed_ms,
         ))
+        self._stream_paused = False  # the current stream's transport cannot take more
         self.pcm = policy.audio_encoding == "pcm_s16le"
         self._to_vapi = TwilioToPcm(policy.sample_rate) if self.pcm else None
         self._from_vapi = PcmToTwilio(policy.sample_rate) if self.pcm else None
@@ -246,9 +264,32 @@ class CallSession:
 
     # -- the Vapi call ------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start creating the Vapi call (at the voice webhook, before the stream)."""
-        self._create_vapi_call(first_message=None)
+    def start(self, created: CreatedCall | None = None) -> None:
+        """Start creating the Vapi call (at the voice webhook, before the stream), or use
+        ``created``: a Vapi call another instance created and handed over."""
+        if self.ended:
+            if created is not None:
+                self._hooks.end_orphan(created)
+            return
+        if created is not None:
+            self._vapi_call_created(created)
+        else:
+            self._create_vapi_call(first_message=None)
+
+    def hand_over(self) -> Deferred[CreatedCall | None]:
+        """The call's media stream reached another instance: give it this call's Vapi call
+        if no socket of ours has joined it (None otherwise: that instance creates its
+        own), and end here quietly.  Vapi calls are never shared: a joined one ends."""
+        if self.ended:
+            return succeed(None)
+        handed: Deferred[CreatedCall | None] = Deferred()
+        if self._creating is not None:  # wait for it, then hand it over unopened
+            self._handover = handed
+            return handed
+        created, self._created = (self._created, None) if self.link is None else (None, None)
+        self.end(HANDED_OVER)
+        handed.callback(created)
+        return handed
 
     def _create_vapi_call(self, first_message: str | None) -> None:
         creating = self._hooks.create_vapi_call(self, first_message)
@@ -257,6 +298,12 @@ class CallSession:
 
     def _vapi_call_created(self, created: CreatedCall) -> None:
         self._creating = None
+        if self._handover is not None:  # another instance has the stream: it's theirs
+            handover, self._handover = self._handover, None
+            self.vapi_call_id = created.call_id
+            self.end(HANDED_OVER)
+            handover.callback(created)
+            return
         if self.ended:  # the phone call ended while Vapi was creating: end that call too
             self.log.info("vapi call created after the call ended; ending it",
                           vapi_call_id=created.call_id)
@@ -267,12 +314,23 @@ class CallSession:
         self.log = self.log.bind(vapi_call_id=created.call_id)
         self.log.info("vapi call created",
                       setup_ms=round((self._now_ns() - self.created_ns) / NS_PER_MS, 1))
+        self._hooks.call_changed(self)
+        if self.policy.open_link_on_stream and self.stream is None:
+            return  # opened when the stream attaches (or handed over unopened)
+        self._open_link(created)
+
+    def _open_link(self, created: CreatedCall) -> None:
         owner = CurrentLinkOwner(self)
         self.link = owner.link = self._hooks.open_link(owner, created)
         self.link.start()
 
     def _vapi_call_failed(self, failure: Failure) -> None:
         self._creating = None
+        if self._handover is not None:  # the other instance will create one itself
+            handover, self._handover = self._handover, None
+            self.end(HANDED_OVER)
+            handover.callback(None)
+            return
         if self.ended:
             return
         self.log.error("vapi call creation failed", error=failure.getErrorMessage(),
@@ -367,6 +425,8 @@ class CallSession:
         now = self._now_ns()
         previous = self.stream
         self.stream = stream
+        # a transport that can pause says so (MediaStreamProtocol.writing_paused)
+        self._stream_paused = bool(getattr(stream, "writing_paused", False))
         self.stream_sid = started.stream_sid
         self.counters.streams += 1
         self.log = self.log.bind(stream_sid=started.stream_sid)
@@ -382,6 +442,9 @@ class CallSession:
         self.state = "streaming"
         self._stream_started_ns = now
         self._last_media_ns = now
+        if self.link is None and self._created is not None and not self.ended:
+            self._open_link(self._created)  # held back until the stream came here
+        self._hooks.call_changed(self)
         self._play(now)
 
     def on_stream_audio(self, audio: Audio) -> None:
@@ -412,6 +475,19 @@ class CallSession:
 
     def on_stream_mark(self, name: str) -> None:
         self.playout.on_mark_echo(name, self._now_ns())
+
+    def on_stream_paused(self, stream: MediaSocket, paused: bool) -> None:
+        """The media socket's transport is full (``paused``) or has drained again.
+
+        While it is full no audio frames are written: they wait in the bounded playout
+        buffer (:meth:`PlayoutBuffer.tick` with ``paused``) and sending resumes on the
+        next tick after it drains.  ``clear`` still goes out at once (barge-in).
+        """
+        if stream is not self.stream:
+            return
+        if paused and not self._stream_paused:
+            self.counters.stream_pauses += 1
+        self._stream_paused = paused
 
     def on_stream_stopped(self) -> None:
         self.end("twilio-stop")
@@ -451,7 +527,7 @@ class CallSession:
         recording = self.recording
         # where the next frame will play: after what Twilio already holds
         play_at = now + self.playout.queued_at_twilio_ns(now) if recording is not None else 0
-        actions = self.playout.tick(now)
+        actions = self.playout.tick(now, self._stream_paused)
         if not actions:
             return
         # several messages (a frame and its mark, the lead at speech start): one write
@@ -567,6 +643,9 @@ class CallSession:
                 # the socket was (re)connecting, so stop could not send end-call: end
                 # that Vapi call over a socket of its own rather than leave it billing
                 self._hooks.end_orphan(self._created)
+        elif self._created is not None and cause != HANDED_OVER:
+            # created, its socket held back for the stream, which never came: end it
+            self._hooks.end_orphan(self._created)
         # a Vapi call still being created is ended when it arrives (_vapi_call_created)
         stream, self.stream = self.stream, None
         # The caller hears the TwiML fallback when the socket closes; a call ended on
@@ -574,6 +653,8 @@ class CallSession:
         policy = self.policy
         use_rest = policy.rest_available and (
             policy.hangup_via_rest or cause in NORMAL_END_CAUSES)
+        if cause == "stream-never-arrived" and policy.open_link_on_stream:
+            use_rest = False  # in a cluster the stream may have reached another instance
         if use_rest and cause not in CALLER_GONE_CAUSES:
             hanging = self._hooks.hang_up_twilio(self)
             if hanging is not None:
@@ -609,6 +690,11 @@ class CallSession:
             underrun_ms=round(stats.underrun_ms, 1),
             peak_buffer_ms=round(stats.peak_buffered_ms, 1),
             overflow_drops=stats.overflow_drops,
+            overflow_dropped_ms=round(stats.overflow_dropped_ms, 1),
+            held_ms=round(stats.held_ms, 1),
+            unconfirmed_holds=stats.unconfirmed_holds,
+            paused_holds=stats.paused_holds,
+            stream_pauses=c.stream_pauses,
             barge_ins=c.barge_ins,
             barge_in_reaction_us=reactions,
             barge_in_queued_ms=c.barge_in_queued_ms,
@@ -635,6 +721,10 @@ class CallSession:
             "underruns": stats.underruns,
             "underrun_ms": stats.underrun_ms,
             "overflow_drops": stats.overflow_drops,
+            "overflow_dropped_frames": stats.overflow_dropped_ms / 20,
+            "held_ms": stats.held_ms,
+            "unconfirmed_holds": stats.unconfirmed_holds,
+            "paused_holds": stats.paused_holds,
             "uplink_dropped": c.uplink_dropped_frames,
             "keepalive_frames": c.keepalive_frames,
             "reconnects": c.reconnects,
@@ -642,6 +732,7 @@ class CallSession:
             "vapi_violations": c.vapi_bad_frames + (_bad_frames(self.link) if self.link else 0),
             "lead_ms": stats.lead_ms,
             "buffered_ms": stats.buffered_ms,
+            "unconfirmed_ms": stats.unconfirmed_ms,
         }
 
     def snapshot(self) -> dict[str, Any]:

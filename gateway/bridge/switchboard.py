@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -109,6 +109,7 @@ class Switchboard:
             open_link_on_stream=cluster is not None,
         )
         self.orphans_ended = 0
+        self._orphans: set[Deferred[Any]] = set()
 
     def now_ns(self) -> int:
         return now_ns(reactor_time(self.clock))
@@ -313,7 +314,20 @@ class Switchboard:
         link = self._link_factory(_OrphanOwner(created.call_id), created)
         link.start()
         # end-call goes out once the socket is open; if it never opens, stop closes it
-        link.when_open().addBoth(lambda _: link.stop())
+        ending: Deferred[Any] = link.when_open().addBoth(lambda _: link.stop())
+        self._orphans.add(ending)
+
+        def done(result: object) -> None:
+            self._orphans.discard(ending)
+
+        ending.addBoth(done)
+
+    def when_orphans_ended(self) -> Deferred[None]:
+        """Fires once every Vapi call being ended over a socket of its own is ended."""
+        pending = list(self._orphans)
+        ended: Deferred[None] = DeferredList(pending, consumeErrors=True).addCallback(
+            lambda _: None)
+        return ended
 
     def hang_up_twilio(self, session: CallSession) -> Deferred[None] | None:
         if self._twilio_rest is None:

@@ -34,6 +34,13 @@ A thin Autobahn shell around :class:`gateway.twilio.stream.MediaStreamState`:
   :class:`~gateway.bridge.session.MediaSocket` — ``send_media``, ``send_mark``,
   ``send_clear`` (Twilio's JSON text frames) and ``close``.  Sends on a socket that
   is not open are dropped silently (and counted).
+- **back-pressure**: the protocol registers itself as its transport's streaming
+  producer (taking the place of the HTTP channel that served the upgrade).  When
+  Twisted's write buffer fills, ``pauseProducing`` sets :attr:`writing_paused` and
+  tells the session (``on_stream_paused(stream, True)``), which then sends no audio
+  frames -- they wait in its bounded playout buffer -- until ``resumeProducing``.
+  Autobahn unregisters it when it drops the connection, so a paused producer never
+  holds Twisted's clean close back.
 
 Nothing raises into Twisted: an exception from a session is logged with its
 traceback and the socket closed with 4011 (the application-range twin of 1011;
@@ -50,7 +57,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import txaio
 from autobahn.twisted.resource import WebSocketResource
@@ -58,8 +65,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from klein import Klein
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.web.iweb import IRequest
+from zope.interface import implementer
 
 from gateway.bridge.session import MediaSocket
 from gateway.config import Settings
@@ -123,6 +131,7 @@ class OutboundStreams(Protocol):
         ...
 
 
+@implementer(IPushProducer)
 class MediaStreamProtocol(FastFrames, WebSocketServerProtocol):  # type: ignore[misc]
     """One Twilio Media Streams socket (see the module docstring)."""
 
@@ -144,6 +153,10 @@ class MediaStreamProtocol(FastFrames, WebSocketServerProtocol):  # type: ignore[
         """Frames the session tried to send after the socket stopped being open."""
         self.ignored_frames = 0
         """Frames Twilio sent after this side decided to close."""
+        self.writing_paused = False
+        """True while the transport's write buffer is full (Twisted paused this producer)."""
+        self.write_pauses = 0
+        """Times the transport paused this producer."""
 
     # -- the session's MediaSocket (the per-frame path: no logging, no copies) --------
 
@@ -185,6 +198,50 @@ class MediaStreamProtocol(FastFrames, WebSocketServerProtocol):  # type: ignore[
                 self.dropConnection(abort=True)
         elif state == _CONNECTING:
             self.dropConnection(abort=True)
+
+    # -- back-pressure: the transport's streaming producer ----------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        transport: Any = self.transport  # an IConsumer (TCP, TLS or in-memory)
+        try:
+            transport.registerProducer(self, True)
+        except RuntimeError:
+            # the HTTP channel that served the upgrade is still registered; the socket
+            # is this protocol's now
+            transport.unregisterProducer()
+            transport.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        """Twisted's write buffer is full: the session holds its audio frames."""
+        if not self.writing_paused:
+            self.writing_paused = True
+            self.write_pauses += 1
+            self._tell_session(True)
+
+    def resumeProducing(self) -> None:
+        """Twisted's write buffer has drained: audio may flow again."""
+        if self.writing_paused:
+            self.writing_paused = False
+            self._tell_session(False)
+
+    def stopProducing(self) -> None:
+        """The transport is gone (Twisted unregisters this producer itself)."""
+
+    def _tell_session(self, paused: bool) -> None:
+        session = self._session
+        if session is None:
+            return  # a session reads writing_paused when its stream attaches
+        # optional in StreamSession: CallSession implements it
+        note = getattr(session, "on_stream_paused", None)
+        if note is None:
+            return
+        try:
+            note(self, paused)
+        except Exception:
+            self._call_log.error("session failed on back-pressure; closing the socket",
+                                 exc_info=True)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     # -- Autobahn callbacks ----------------------------------------------------------
 
@@ -266,6 +323,7 @@ class MediaStreamProtocol(FastFrames, WebSocketServerProtocol):  # type: ignore[
                 attached=session is not None,
                 dropped_sends=self.dropped_sends,
                 ignored_frames=self.ignored_frames,
+                write_pauses=self.write_pauses,
                 stream=self._stream.stats.as_dict(),
             )
         if session is not None:

@@ -10,12 +10,21 @@ The answer is a :class:`CreatedCall`: the call id and the socket URL wrapped in
 :class:`SocketUrl`, whose ``repr``/``str`` redact it. The URL is a bearer
 capability: call :meth:`SocketUrl.reveal` only where it goes onto the wire.
 
+A request that outlives ``request_timeout`` is not cancelled: Vapi creates the call
+whether or not the client waits for the answer. The creator stops *waiting* for it
+(and retries as before) but lets it finish in the background, until
+``late_answer_limit`` after it was sent (by default max(30 s, 4 * request_timeout)).
+A call such a request answers with is a *late call*: nobody uses it, and it is handed
+to ``on_late_call`` so that the gateway ends it. Only a request still unanswered at
+that limit is cancelled; a call it may have created is then never known, and never
+ended by the gateway (counted: ``on_late_request_abandoned``).
+
 :func:`call_request_body` builds the JSON body without I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 from urllib.parse import urlsplit
@@ -25,6 +34,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.client import ResponseFailed
 
@@ -32,7 +42,7 @@ import gateway
 from gateway.config import is_loopback_host
 from gateway.logs import get_logger
 from gateway.vapi.assistants import AssistantById, AssistantChoice, JsonObject, merge_overrides
-from gateway.vapi.reactor_time import NS_PER_SECOND, reactor_time
+from gateway.vapi.reactor_time import NS_PER_SECOND, DelayedCall, reactor_time
 
 __all__ = [
     "AudioFormat",
@@ -51,6 +61,11 @@ __all__ = [
 ]
 
 USER_AGENT: Final = f"vapi-gateway/{gateway.__version__}"
+
+#: The default hard limit on a timed-out request: at least this long after it was sent...
+LATE_ANSWER_MIN_LIMIT_NS: Final = 30 * NS_PER_SECOND
+#: ... and at least this many request timeouts.
+LATE_ANSWER_TIMEOUTS: Final = 4
 
 log = get_logger(__name__)
 
@@ -192,6 +207,17 @@ class VapiApiSettings:
     request_timeout_ns: int = 5 * NS_PER_SECOND
     retries: int = 2
     retry_backoff_ns: int = NS_PER_SECOND // 2
+    #: How long after it was sent a request that timed out may still answer (it runs on
+    #: in the background; see the module docstring); then it is cancelled.  ``None``:
+    #: max(30 s, 4 * ``request_timeout_ns``).
+    late_answer_limit_ns: int | None = None
+
+    @property
+    def effective_late_answer_limit_ns(self) -> int:
+        """``late_answer_limit_ns``, or its default."""
+        if self.late_answer_limit_ns is not None:
+            return self.late_answer_limit_ns
+        return max(LATE_ANSWER_MIN_LIMIT_NS, LATE_ANSWER_TIMEOUTS * self.request_timeout_ns)
 
     def __post_init__(self) -> None:
         if not self.api_key:
@@ -207,6 +233,9 @@ class VapiApiSettings:
             raise ValueError("retries must be between 0 and 10")
         if self.retry_backoff_ns < 0:
             raise ValueError("retry_backoff_ns must not be negative")
+        if (self.late_answer_limit_ns is not None
+                and self.late_answer_limit_ns < self.request_timeout_ns):
+            raise ValueError("late_answer_limit_ns must not be shorter than request_timeout_ns")
 
 
 def call_request_body(
@@ -249,9 +278,17 @@ _MAX_LOGGED_TEXT: Final = 300
 
 
 class CallCreator:
-    """Creates Vapi calls over HTTP; one instance serves every call."""
+    """Creates Vapi calls over HTTP; one instance serves every call.
 
-    def __init__(self, settings: VapiApiSettings, http: HttpClient, clock: IReactorTime) -> None:
+    ``on_late_call`` receives each call created by a request the creator had stopped
+    waiting for (once per call; it should end it); ``on_late_request_abandoned`` is
+    told of each timed-out request cancelled at the late-answer limit (a call it
+    created, if any, is lost).  Both may be set after construction.
+    """
+
+    def __init__(self, settings: VapiApiSettings, http: HttpClient, clock: IReactorTime,
+                 on_late_call: Callable[[CreatedCall], None] | None = None,
+                 on_late_request_abandoned: Callable[[], None] | None = None) -> None:
         self._settings = settings
         self._http = http
         self._clock = clock
@@ -263,6 +300,28 @@ class CallCreator:
             "Content-Type": ["application/json"],
             "Accept": ["application/json"],
         }
+        self.on_late_call = on_late_call
+        self.on_late_request_abandoned = on_late_request_abandoned
+        self._running_late: set[_Attempt] = set()
+        self._settled_waiters: list[Deferred[None]] = []
+        self.late_calls = 0
+        self.late_requests_abandoned = 0
+
+    @property
+    def late_requests(self) -> int:
+        """Timed-out requests still running in the background."""
+        return len(self._running_late)
+
+    def when_settled(self) -> Deferred[None]:
+        """Fires once no timed-out request is still running (the drain waits for it, so
+        a call such a request creates is ended before the daemon exits)."""
+        waiter: Deferred[None] = Deferred(
+            lambda d: self._settled_waiters.remove(d) if d in self._settled_waiters else None)
+        if not self._running_late:
+            waiter.callback(None)
+        else:
+            self._settled_waiters.append(waiter)
+        return waiter
 
     def create_call(
         self, choice: AssistantChoice, audio: AudioFormat, overrides: JsonObject | None = None
@@ -294,29 +353,69 @@ class CallCreator:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _attempt_with_timeout(self, body: bytes) -> CreatedCall:
-        attempt = Deferred.fromCoroutine(self._attempt(body))
-        timed_out = False
-
-        def give_up() -> None:
-            nonlocal timed_out
-            timed_out = True
-            attempt.cancel()
-
-        timeout_s = self._settings.request_timeout_ns / NS_PER_SECOND
-        timer = self._timers.callLater(timeout_s, give_up)
+        """One request, awaited for ``request_timeout`` at most; one that takes longer is
+        left running (see :class:`_Attempt`), never cancelled here."""
+        attempt = _Attempt(self, Deferred.fromCoroutine(self._attempt(body)))
         try:
-            return await attempt
-        except Exception as error:
-            # A cancelled treq request fails with ResponseNeverReceived (not
-            # CancelledError), so the timer records that it fired.
-            if timed_out:
-                raise _RetryableError(f"no answer within {timeout_s:g} s") from None
-            if isinstance(error, _CONNECTION_ERRORS):
-                raise _RetryableError(f"connection failed: {type(error).__name__}") from None
-            raise
+            return await attempt.awaited
+        except _CONNECTION_ERRORS as error:
+            raise _RetryableError(f"connection failed: {type(error).__name__}") from None
+
+    # -- requests that answer after the creator stopped waiting ------------------------
+
+    def _running_on(self, attempt: _Attempt) -> DelayedCall:
+        """``attempt`` is no longer awaited: it may run until the late-answer limit."""
+        self._running_late.add(attempt)
+        limit_s = self._settings.effective_late_answer_limit_ns / NS_PER_SECOND
+        remaining_s = max(0.0, attempt.sent_s + limit_s - self._timers.seconds())
+        return self._timers.callLater(remaining_s, attempt.abandon)
+
+    def _answered_late(self, attempt: _Attempt, outcome: CreatedCall | Failure) -> None:
+        self._running_late.discard(attempt)
+        try:
+            self._handle_late_answer(attempt, outcome)
         finally:
-            if timer.active():
-                timer.cancel()
+            if not self._running_late:
+                waiters, self._settled_waiters = self._settled_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+
+    def _handle_late_answer(self, attempt: _Attempt, outcome: CreatedCall | Failure) -> None:
+        after_s = round(self._timers.seconds() - attempt.sent_s, 3)
+        if isinstance(outcome, CreatedCall):
+            self._late_call(outcome, after_s)
+        elif attempt.abandoned:
+            self.late_requests_abandoned += 1
+            log.warning("gave up on a timed-out POST /call at the late-answer limit; a vapi "
+                        "call it may have created will not be ended by the gateway",
+                        after_s=after_s)
+            self._notify(self.on_late_request_abandoned)
+        else:
+            error = outcome.value
+            problem = (str(error) if isinstance(error, _RetryableError | CallCreationError)
+                       else type(error).__name__)
+            log.info("a timed-out POST /call answered late without a call", after_s=after_s,
+                     problem=problem,
+                     vapi_call_id=getattr(error, "call_id", None))
+
+    def _late_call(self, created: CreatedCall, after_s: float) -> None:
+        self.late_calls += 1
+        if self.on_late_call is None:
+            log.error("vapi call created by a timed-out POST /call, and nothing to end it",
+                      vapi_call_id=created.call_id, after_s=after_s)
+            return
+        log.warning("vapi call created by a timed-out POST /call; ending it",
+                    vapi_call_id=created.call_id, after_s=after_s)
+        self._notify(self.on_late_call, created)
+
+    @staticmethod
+    def _notify(callback: Callable[..., None] | None, *args: object) -> None:
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:
+            log.error("a late POST /call callback failed", exc_info=True)
 
     async def _attempt(self, body: bytes) -> CreatedCall:
         response: HttpResponse = await self._http.post(
@@ -331,6 +430,61 @@ class CallCreator:
         if not 200 <= status <= 299:
             raise BadCallAnswerError(f"unexpected HTTP {status}")
         return _created_call(content)
+
+
+class _Attempt:
+    """One ``POST /call`` in flight.
+
+    :attr:`awaited` fires with its answer if that comes within ``request_timeout``;
+    otherwise it fails with :class:`_RetryableError` (or is cancelled by whoever awaits
+    it) and the request runs on, unawaited: its answer goes to
+    :meth:`CallCreator._answered_late`, and it is cancelled (:meth:`abandon`) if it
+    has not answered by the late-answer limit.
+    """
+
+    def __init__(self, creator: CallCreator, request: Deferred[CreatedCall]) -> None:
+        self._creator = creator
+        self._request = request
+        self.sent_s = creator._timers.seconds()
+        self.awaited: Deferred[CreatedCall] = Deferred(lambda _: self._stop_waiting())
+        self.abandoned = False
+        self._late = False
+        self._limit: DelayedCall | None = None
+        self._timeout: DelayedCall | None = None
+        request.addBoth(self._answered)
+        if not request.called:
+            timeout_s = creator._settings.request_timeout_ns / NS_PER_SECOND
+            self._timeout = creator._timers.callLater(timeout_s, self._timed_out, timeout_s)
+
+    def _answered(self, outcome: CreatedCall | Failure) -> None:
+        if self._late:
+            if self._limit is not None and self._limit.active():
+                self._limit.cancel()
+            self._creator._answered_late(self, outcome)
+            return
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        if isinstance(outcome, Failure):
+            self.awaited.errback(outcome)
+        else:
+            self.awaited.callback(outcome)
+
+    def _timed_out(self, timeout_s: float) -> None:
+        self._stop_waiting()
+        self.awaited.errback(_RetryableError(f"no answer within {timeout_s:g} s"))
+
+    def _stop_waiting(self) -> None:
+        if self._late or self._request.called:
+            return
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._late = True
+        self._limit = self._creator._running_on(self)
+
+    def abandon(self) -> None:
+        """The late-answer limit: cancel the request (it then answers with a failure)."""
+        self.abandoned = True
+        self._request.cancel()
 
 
 def _created_call(content: bytes) -> CreatedCall:

@@ -613,6 +613,175 @@ def test_one_push_larger_than_the_buffer_keeps_its_newest_part() -> None:
     assert isinstance(actions[0], SendMedia) and actions[0].payload == data[-160:]
 
 
+# --------------------------------------------------------------------------- back-pressure
+
+
+class DeafTwilio(TwilioPlayer):
+    """A Twilio side that stopped reading its socket: nothing arrives, nothing is echoed,
+    until ``reading`` is set again (then what was written arrives at once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = False
+        self.unread: list[tuple[int, Sequence[PlayoutAction]]] = []
+
+    def receive(self, now: int, actions: Iterable[PlayoutAction]) -> None:
+        actions = list(actions)
+        if not self.reading:
+            self.unread.append((now, actions))
+            return
+        for _, held in self.unread:
+            super().receive(now, held)
+        self.unread = []
+        super().receive(now, actions)
+
+    def due_echoes(self, now: int) -> list[tuple[int, str]]:
+        return super().due_echoes(now) if self.reading else []
+
+    def written(self) -> int:
+        return sum(isinstance(a, SendMedia) for _, actions in self.unread for a in actions)
+
+
+def test_with_no_echoes_sending_stops_at_the_unconfirmed_limit() -> None:
+    deaf = DeafTwilio()
+    call = Call(PlayoutConfig(max_unconfirmed_ms=1000), player=deaf)
+    call.playout.push(speech(8 * 5000))  # 5 s, more than the limit
+    call.run(until=3000 * MS)
+    assert deaf.written() == 50  # 1000 ms and not a frame more, however long it waits
+    stats = call.playout.stats(call.now)
+    assert stats.unconfirmed_ms == 1000
+    assert call.playout.held
+    assert (stats.unconfirmed_holds, stats.paused_holds) == (1, 0)
+    assert stats.held_ms == 3000 - 940  # the 50th frame went at 920 ms: held from the next tick
+    assert call.playout.buffered_bytes == 8 * 5000 - 50 * FRAME_BYTES  # waiting here
+    assert stats.underruns == 0 and stats.target_lead_ms == 80  # not the lead's business
+
+
+def test_mark_echoes_release_a_hold_and_its_gap_is_no_underrun() -> None:
+    deaf = DeafTwilio()
+    call = Call(PlayoutConfig(max_unconfirmed_ms=1000), player=deaf)
+    data = speech(8 * 3000)
+    call.playout.push(data)
+    call.playout.end_of_utterance()
+    call.run(until=1500 * MS)
+    assert deaf.written() == 50
+    deaf.reading = True  # Twilio reads again: 1 s arrives at once, plays, echoes come
+    call.run(until=6000 * MS, start=1520 * MS)
+    assert not call.playout.held and not call.playout.in_utterance
+    assert deaf.max_queued_after_send <= 1000 * MS  # never more than the limit at Twilio
+    assert call.player.heard() == data  # nothing lost, nothing reordered
+    assert call.player.gaps() == []  # once it read again, the caller heard it all
+    stats = call.playout.stats(call.now)
+    assert stats.underruns == 0  # the model ran dry under back-pressure: not an underrun
+    assert stats.target_lead_ms == 80
+    assert stats.unconfirmed_ms == 0
+    assert stats.unconfirmed_holds == 1  # echo by echo release is one hold
+    assert stats.held_ms > 1000
+
+
+def test_a_paused_transport_holds_every_frame_until_it_drains() -> None:
+    call = Call()
+    data = speech(8 * 400)
+    call.playout.push(data[:1600])
+    assert len(call.tick(0)) == 4  # the lead
+    for t in range(20, 400, 20):  # the socket's buffer is full: nothing, not even marks
+        assert call.playout.tick(t * MS, paused=True) == ()
+    call.playout.push(data[1600:])
+    call.playout.end_of_utterance()
+    assert call.playout.tick(400 * MS, paused=True) == ()
+    stats = call.playout.stats(400 * MS)
+    assert stats.paused_holds == 1 and stats.unconfirmed_holds == 0
+    assert call.playout.held and call.playout.in_utterance
+    actions = call.tick(420 * MS)  # drained: the lead goes out at once
+    assert sum(isinstance(a, SendMedia) for a in actions) == 4
+    assert not call.playout.held
+    call.run(until=1000 * MS, start=440 * MS)
+    assert call.player.heard() == data
+    stats = call.playout.stats(call.now)
+    assert stats.underruns == 0 and stats.target_lead_ms == 80
+    assert stats.held_ms == 420 - 20
+    assert call.marks()[-1] == "g0:p20"  # the closing mark went once it could
+
+
+def test_a_paused_transport_holds_the_closing_mark_too() -> None:
+    playout = PlayoutBuffer()
+    playout.push(speech(FRAME_BYTES * 3))
+    assert [type(a) for a in playout.tick(0)] == [SendMedia] * 3  # unmarked yet (every 5)
+    playout.end_of_utterance()
+    assert playout.tick(FRAME_NS, paused=True) == ()  # nothing waits but the closing mark
+    assert playout.in_utterance and not playout.held
+    assert playout.tick(2 * FRAME_NS) == [SendMark("g0:p3")]
+    assert not playout.in_utterance
+
+
+def test_while_held_the_buffer_stays_bounded_and_drops_the_oldest_with_a_count() -> None:
+    call = Call(PlayoutConfig(max_buffer_ms=500))  # 4000 bytes
+    data = speech(8 * 2000)  # Vapi keeps talking in real time for 2 s
+    for k in range(100):
+        call.playout.push(data[k * FRAME_BYTES : (k + 1) * FRAME_BYTES])
+        if k < 5:
+            call.tick(k * FRAME_NS)
+        else:
+            assert call.playout.tick(k * FRAME_NS, paused=True) == ()
+        assert call.playout.buffered_bytes <= 4000
+    sent = len(call.media())
+    stats = call.playout.stats(call.now)
+    assert stats.buffered_ms == 500
+    dropped = 8 * 2000 - sent * FRAME_BYTES - 4000
+    assert dropped > 0 and stats.overflow_dropped_ms == dropped / 8
+    assert stats.overflow_drops == dropped // FRAME_BYTES  # one count per push that overflowed
+    call.playout.end_of_utterance()
+    call.run(until=4000 * MS, start=100 * FRAME_NS)
+    assert call.player.heard() == data[: sent * FRAME_BYTES] + data[-4000:]  # newest kept
+
+
+def test_barge_in_while_held_clears_and_leaves_nothing_unconfirmed() -> None:
+    deaf = DeafTwilio()
+    call = Call(PlayoutConfig(max_unconfirmed_ms=1000), player=deaf)
+    call.playout.push(speech(8 * 3000))
+    call.run(until=1500 * MS)
+    assert call.playout.held and call.playout.stats(call.now).unconfirmed_ms == 1000
+    report = call.playout.barge_in(1510 * MS)
+    assert report.actions == (SEND_CLEAR,)  # a clear is never held back
+    assert report.dropped_local_ms == 3000 - 1000
+    stats = call.playout.stats(1510 * MS)
+    assert stats.unconfirmed_ms == 0 and stats.buffered_ms == 0
+    assert not call.playout.held and stats.held_ms == 1510 - 940
+    # the next answer goes out at once, though no echo of the old generation came
+    call.playout.push(speech(8 * 500, seed=7))
+    actions = call.tick(1520 * MS)
+    assert sum(isinstance(a, SendMedia) for a in actions) == 4
+    assert call.marks()[-1].startswith("g0:")  # the new one is not marked yet (4 frames)
+    call.run(until=2000 * MS, start=1540 * MS)
+    assert call.marks()[-1].startswith("g1:")
+    # Twilio reads again: the cleared generation's echoes are stale, never "played"
+    old = [a.name for _, acts in deaf.unread for a in acts
+           if isinstance(a, SendMark) and a.name.startswith("g0:")]
+    assert old and all(call.playout.on_mark_echo(name, 2000 * MS) is MarkStatus.STALE
+                       for name in old)
+    assert call.playout.stats(2000 * MS).frames_played == 0
+
+
+def test_a_new_stream_ends_a_hold() -> None:
+    deaf = DeafTwilio()
+    call = Call(PlayoutConfig(max_unconfirmed_ms=1000), player=deaf)
+    call.playout.push(speech(8 * 3000))
+    call.run(until=1500 * MS)
+    assert call.playout.held
+    call.playout.restart(1510 * MS, keep_buffered=True)
+    assert not call.playout.held and call.playout.unconfirmed_frames == 0
+    assert len(call.playout.tick(1520 * MS)) >= 4  # the new stream gets the lead at once
+
+
+def test_no_unconfirmed_limit_when_it_is_zero() -> None:
+    deaf = DeafTwilio()
+    call = Call(PlayoutConfig(max_unconfirmed_ms=0), player=deaf)
+    call.playout.push(speech(8 * 3000))
+    call.run(until=3000 * MS)
+    assert deaf.written() == 150  # all of it, in real time: the old behaviour
+    assert not call.playout.held
+
+
 # --------------------------------------------------------------------------- adaptation
 
 
@@ -686,6 +855,15 @@ def test_config_defaults_and_validation() -> None:
         PlayoutConfig(max_catch_up_frames=0)
     with pytest.raises(ValueError):
         PlayoutConfig(max_buffer_ms=10)
+    assert config.max_unconfirmed_ms == 1000
+    PlayoutConfig(max_unconfirmed_ms=0)  # no limit
+    PlayoutConfig(max_unconfirmed_ms=400)  # 300 ms of lead + one mark interval
+    with pytest.raises(ValueError):
+        PlayoutConfig(max_unconfirmed_ms=399)
+    with pytest.raises(ValueError):
+        PlayoutConfig(mark_every_frames=40)  # a mark every 800 ms needs a larger limit
+    with pytest.raises(ValueError):
+        PlayoutConfig(max_unconfirmed_ms=-20)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.min_lead_ms = 1  # type: ignore[misc]
 
@@ -706,19 +884,26 @@ operations = st.lists(
         st.tuples(st.just("tick"), st.integers(0, 200)),
         st.tuples(st.just("end"), st.just(0)),
         st.tuples(st.just("barge"), st.integers(0, 50)),
+        st.tuples(st.just("paused-tick"), st.integers(0, 200)),
+        st.tuples(st.just("reading"), st.integers(0, 1)),
     ),
     max_size=120,
 )
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=operations, mark_every=st.integers(1, 7), max_buffer_ms=st.integers(20, 600))
+@given(ops=operations, mark_every=st.integers(1, 7), max_buffer_ms=st.integers(20, 600),
+       max_unconfirmed_ms=st.sampled_from([0, 440, 1000]))
 def test_invariants_under_random_operations(
-    ops: list[tuple[str, int]], mark_every: int, max_buffer_ms: int
+    ops: list[tuple[str, int]], mark_every: int, max_buffer_ms: int, max_unconfirmed_ms: int
 ) -> None:
-    config = PlayoutConfig(mark_every_frames=mark_every, max_buffer_ms=max_buffer_ms)
-    call = Call(config)
+    config = PlayoutConfig(mark_every_frames=mark_every, max_buffer_ms=max_buffer_ms,
+                           max_unconfirmed_ms=max_unconfirmed_ms)
+    twilio = DeafTwilio()
+    twilio.reading = True
+    call = Call(config, player=twilio)
     playout = call.playout
+    max_unconfirmed_frames = max_unconfirmed_ms // 20 or 1 << 62
     pushed = 0
     dropped_by_barge_in = 0
     now = 0
@@ -741,6 +926,11 @@ def test_invariants_under_random_operations(
                     assert action.name == f"g{playout.generation}:p{position}"
             assert frames <= config.max_catch_up_frames
             assert playout.queued_at_twilio_ns(now) <= 300 * MS
+        elif kind == "paused-tick":
+            now += value * MS // 4
+            assert playout.tick(now, paused=True) == ()  # nothing at all while paused
+        elif kind == "reading":
+            twilio.reading = bool(value)  # a Twilio side that stops (or resumes) reading
         elif kind == "end":
             playout.end_of_utterance()
         else:
@@ -748,6 +938,9 @@ def test_invariants_under_random_operations(
             report = playout.barge_in(now)
             call.player.receive(now, report.actions)
             dropped_by_barge_in += round(report.dropped_local_ms * 8)
+            if report.actions:
+                assert playout.unconfirmed_frames == 0 and not playout.held
+        assert playout.unconfirmed_frames <= max_unconfirmed_frames
         stats = playout.stats(now)
         assert 40 * MS <= playout.target_lead_ns <= 300 * MS
         assert playout.buffered_bytes <= max_buffer_ms * 8

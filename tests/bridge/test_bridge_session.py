@@ -361,6 +361,102 @@ def test_marks_echoed_after_clear_are_not_counted_as_played() -> None:
     h.assert_clean()
 
 
+# -- back-pressure ---------------------------------------------------------------------
+
+
+def marks_sent(sock: FakeStream) -> list[str]:
+    return [name for kind, name in sock.sent if kind == "mark"]
+
+
+def test_without_mark_echoes_at_most_max_unconfirmed_ms_is_sent() -> None:
+    h = Harness()  # [bridge] max_unconfirmed_ms = 1000 by default
+    session, sock = h.call()
+    session.on_link_audio(b"\x20" * FRAME * 150)  # 3 s of speech
+    h.tick(100)  # 2 s: Twilio reads nothing, echoes nothing
+    assert len(sock.media()) == 50
+    traffic = session.traffic(h.board.now_ns())
+    assert traffic["unconfirmed_ms"] == 1000
+    assert traffic["unconfirmed_holds"] == 1 and traffic["held_ms"] > 0
+    assert traffic["buffered_ms"] == 2000  # the rest waits here, clearable
+    for name in marks_sent(sock):  # Twilio reads and plays it: echoes come back
+        session.on_stream_mark(name)
+    h.tick(1)
+    assert len(sock.media()) > 50
+    assert session.playout.stats(h.board.now_ns()).underruns == 0
+    session.end("test")
+    h.assert_clean()
+
+
+def test_a_paused_media_socket_gets_no_frames_until_it_drains() -> None:
+    h = Harness()
+    session, sock = h.call()
+    session.on_link_audio(b"\x20" * FRAME * 100)
+    assert len(sock.media()) == 4
+    session.on_stream_paused(sock, True)  # the transport's write buffer is full
+    session.on_link_audio(b"\x21" * FRAME * 10)
+    h.tick(20)
+    assert len(sock.media()) == 4 and marks_sent(sock) == []
+    assert session.counters.stream_pauses == 1
+    traffic = session.traffic(h.board.now_ns())
+    assert traffic["paused_holds"] == 1 and traffic["unconfirmed_holds"] == 0
+    session.on_stream_paused(sock, False)
+    h.tick(1)
+    assert len(sock.media()) == 8  # the lead again at once, then one frame a tick
+    session.end("test")
+    h.assert_clean()
+
+
+def test_barge_in_while_paused_still_clears_at_once() -> None:
+    h = Harness()
+    session, sock = h.call()
+    session.on_link_audio(b"\x20" * FRAME * 100)
+    session.on_stream_paused(sock, True)
+    h.tick(5)
+    sock.sent.clear()
+    session.on_link_event(UserInterrupted())
+    assert sock.sent == [("clear", None)]
+    stats = session.playout.stats(h.board.now_ns())
+    assert stats.unconfirmed_ms == 0 and stats.buffered_ms == 0
+    assert not session.playout.held
+    session.on_stream_paused(sock, False)
+    session.on_link_audio(b"\x30" * FRAME * 3)
+    assert sock.media() == [b"\x30" * FRAME] * 3
+    session.end("test")
+    h.assert_clean()
+
+
+@dataclass
+class PausedStream(FakeStream):
+    writing_paused: bool = True
+
+
+def test_a_stream_already_paused_when_it_attaches_gets_nothing_until_it_drains() -> None:
+    h = Harness()
+    session, _ = h.call(stream=False)
+    sock = PausedStream()
+    h.attach("CA1", sock)
+    session.on_link_audio(b"\x20" * FRAME * 10)
+    h.tick(3)
+    assert sock.media() == []
+    session.on_stream_paused(sock, False)
+    h.tick(1)
+    assert len(sock.media()) == 4
+    session.end("test")
+    h.assert_clean()
+
+
+def test_pauses_of_a_replaced_stream_change_nothing() -> None:
+    h = Harness()
+    session, first = h.call()
+    second = FakeStream()
+    h.attach("CA1", second)
+    session.on_stream_paused(first, True)  # the old socket backs up as it closes
+    session.on_link_audio(b"\x20" * FRAME * 5)
+    assert len(second.media()) == 4 and session.counters.stream_pauses == 0
+    session.end("test")
+    h.assert_clean()
+
+
 def test_dtmf_becomes_an_add_message() -> None:
     h = Harness()
     session, _ = h.call()

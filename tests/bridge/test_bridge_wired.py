@@ -249,9 +249,10 @@ def test_a_whole_call_through_the_composed_daemon() -> None:
     vapi.sendMessage(b"\x22" * FRAME * 100, isBinary=True)
     rig.flush()
     assert len(twilio.media_out()) == 4
-    rig.advance(1.0)
+    # (no mark echoes yet: stay under [bridge] max_unconfirmed_ms, 1 s, which would hold)
+    rig.advance(0.8)
     sent = len(twilio.media_out())
-    assert 52 <= sent <= 56  # ~50 frames per second plus the lead
+    assert 42 <= sent <= 46  # ~50 frames per second plus the lead
     assert all(frame == b"\x22" * FRAME for frame in twilio.media_out())
     marks = [m["mark"]["name"] for m in twilio.received if m["event"] == "mark"]
     assert marks
@@ -437,6 +438,49 @@ def test_metrics_after_a_scripted_call() -> None:
     assert after["vapi_gateway_downlink_underruns_total"] == 0
     rig.advance(6)
     rig.stop()
+
+
+def test_metrics_show_back_pressure_drops_and_the_reactors_timers() -> None:
+    rig = Rig(bridge={"buffer_seconds": "2"})
+    TXAIO.config.loop = rig.clock
+    twilio = rig.open_stream(rig.voice_webhook())
+    (vapi,) = rig.vapi.sockets
+    media = rig.pumps[-1].serverIO.protocol  # the gateway's end of the media socket
+    session = rig.gateway.switchboard.get(CALL_SID)
+    assert session is not None
+    vapi.sendMessage(b"\x22" * FRAME * 150, isBinary=True)  # 3 s into a 2 s buffer
+    rig.advance(1.5)  # Twilio plays nothing and echoes no mark
+    values = scrape(rig)
+    assert len(twilio.media_out()) == 50  # [bridge] max_unconfirmed_ms = 1000
+    assert values["vapi_gateway_downlink_frames_dropped_total"] == 50  # the oldest second
+    assert values["vapi_gateway_downlink_holds_total{cause=unconfirmed}"] == 1
+    assert values["vapi_gateway_downlink_holds_total{cause=transport}"] == 0
+    assert values["vapi_gateway_downlink_held_ms_total"] > 500
+    assert values["vapi_gateway_unconfirmed_ms{stat=max}"] == 1000
+    timers = values["vapi_gateway_reactor_delayed_calls"]
+    assert timers == len(rig.clock.getDelayedCalls()) > 0
+    for name in [m["mark"]["name"] for m in twilio.received if m["event"] == "mark"]:
+        twilio.send("mark", mark={"name": name})  # Twilio reads and plays it all
+    rig.flush()
+    rig.advance(0.02)
+    assert len(twilio.media_out()) == 54  # released: the lead again
+    media.pauseProducing()  # as Twisted does when the socket's write buffer is full
+    rig.advance(0.2)
+    assert len(twilio.media_out()) == 54
+    media.resumeProducing()
+    rig.advance(0.02)
+    assert len(twilio.media_out()) > 54
+    values = scrape(rig)
+    assert values["vapi_gateway_downlink_holds_total{cause=transport}"] == 1
+    assert session.counters.stream_pauses == 1
+    twilio.send("stop", stop={"accountSid": "AC" + "0" * 32, "callSid": CALL_SID})
+    rig.advance(0.2)
+    after = scrape(rig)  # ended calls' figures stay in the totals
+    assert after["vapi_gateway_downlink_frames_dropped_total"] == 50
+    assert after["vapi_gateway_downlink_holds_total{cause=transport}"] == 1
+    rig.advance(6)
+    rig.stop()
+    assert scrape(rig)["vapi_gateway_reactor_delayed_calls"] == 0
 
 
 def test_metrics_count_refusals_and_auth_failures() -> None:

@@ -14,7 +14,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qsl
@@ -999,7 +999,8 @@ def test_the_json_report_has_every_section(clock: Clock) -> None:
     assert set(call["end"]) == {"ended_by", "reason", "closed_by", "close_code",
                                 "close_reason", "clean", "fallback_spoken",
                                 "status_callback", "status_callbacks", "close_frame_ignored",
-                                "dropped_after_close_frame_ms", "stream_events"}
+                                "dropped_after_close_frame_ms",
+                                "status_callback_to_close_ms", "stream_events"}
     assert set(call["frames"]) >= {"sent_media", "received_media", "skipped"}
     assert document["summary"]["first_audio_ms"] == {"count": 1, "p50": 100, "p99": 100,
                                                      "max": 100}
@@ -1241,3 +1242,64 @@ def test_one_call_sid_for_several_calls_makes_duplicate_streams(clock: Clock) ->
     assert [report.call_sid for report in reports] == [CALL_SID, CALL_SID]
     assert len({report.stream_sid for report in reports}) == 2
     assert {m["start"]["callSid"] for m in gateway.messages("start")} == {CALL_SID}
+
+
+# -- the media socket and the status callback sent elsewhere (a cluster) ------------------
+
+
+def test_the_stream_and_the_status_callback_can_go_to_other_instances(clock: Clock) -> None:
+    """--stream-url / --status-url: the webhook goes to one instance, the media socket and
+    the status callback to others (signed over the public URL all the same); a status
+    callback posted mid-stream (--status-callback-at) is timed to the socket's close."""
+    plan = plan_run(parse_arguments([
+        "--public-url", PUBLIC, "--auth-token", "t", "--url", LOCAL,
+        "--stream-url", "http://127.0.0.1:8081", "--status-url", "http://127.0.0.1:8082/",
+        "--status-callback-at", "0.3"]), {})
+    target = plan.target
+    assert (target.stream_url, target.status_callback_url) == (
+        "http://127.0.0.1:8081", "http://127.0.0.1:8082/")
+    assert plan.scenario.status_callback_at_ms == 300
+    assert target.local(target.voice_url) == LOCAL + "/twilio/voice"
+    assert target.local_stream(STREAM_URL) == "ws://127.0.0.1:8081/twilio/media"
+    assert target.local_status(target.status_url) == "http://127.0.0.1:8082/twilio/status"
+    plain = GatewayTarget(public_url=PUBLIC, auth_token="t", url=LOCAL)
+    assert plain.local_stream(STREAM_URL) == "ws://127.0.0.1:8080/twilio/media"
+    assert plain.local_status(plain.status_url) == LOCAL + "/twilio/status"
+    with pytest.raises(ValueError, match="stream_url"):
+        GatewayTarget(public_url=PUBLIC, auth_token="t", stream_url="ws://127.0.0.1:1")
+    with pytest.raises(ValueError, match="status_callback_at_ms"):
+        CallScenario(status_callback_at_ms=100, status_callback="never")
+
+    gateway = FakeGateway(clock)
+    gateway.target = replace(target, auth_token=AUTH_TOKEN)
+    gateway.send_after_start(0.1, gw_media(STREAM_SID, TONE * 5))
+
+    def close_the_stream(request: IRequest) -> bytes:  # the call's instance ends it
+        assert gateway.socket is not None
+        clock.callLater(0.04, gateway.socket.sendClose, 1000, "call ended: twilio-status")
+        request.setResponseCode(204)
+        return b""
+
+    app = Klein()
+    app.route("/twilio/voice", methods=["POST"])(gateway._voice)
+    app.route("/twilio/status", methods=["POST"])(close_the_stream)
+    app.route("/twilio/stream-status", methods=["POST"])(gateway._no_content)
+    gateway.http = RecordingHttp(StubTreq(app.resource()))
+    report = fake_call(gateway, replace(plan.scenario, duration_ms=2000, audio=None))
+    calls = [(url, headers, body) for url, headers, body in gateway.http.requests
+             if "stream-status" not in url]
+    assert [url for url, _, _ in calls] == [
+        LOCAL + "/twilio/voice", "http://127.0.0.1:8082/twilio/status"]
+    (address,) = gateway.network.addresses
+    assert (address.host, address.port) == ("127.0.0.1", 8081)
+    (_, headers, body) = calls[1]
+    assert parse_form_body(body)[b"CallStatus"] == [b"completed"]
+    assert TwilioSignatureValidator(AUTH_TOKEN).check_form(
+        PUBLIC + "/twilio/status", parse_form_body(body), headers["X-Twilio-Signature"]).ok
+    assert (report.outcome, report.end.ended_by, report.end.close_code) == (
+        "completed", "gateway", 1000), report.detail
+    assert report.end.status_callbacks == [204]  # mid-call only, not again after it
+    assert report.end.status_callback_to_close_ms is not None
+    assert 40 <= report.end.status_callback_to_close_ms <= 45
+    assert report.timing.duration_ms is not None and report.timing.duration_ms < 400
+    assert "after the mid-call status callback" in render_text([report], summarize([report]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -25,13 +26,18 @@ from inmemory import pipe, txaio_on
 from klein import Klein
 from treq.testing import StubTreq
 from twilio.request_validator import RequestValidator
+from twisted.internet import abstract, main
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from gateway.admission import Admission
 from gateway.bridge.outbound import OutboundCall, OutboundCalls
@@ -51,6 +57,7 @@ from gateway.twilio.stream import FRAME_BYTES, Audio, Started
 from gateway.twilio.token import StreamTokens
 from gateway.vapi.assistants import AssistantById
 from gateway.vapi.calls import CreatedCall
+from gateway.websocket_fastpath import xor_mask
 
 AUTH_TOKEN = known_secrets.TWILIO_AUTH_TOKEN
 PUBLIC = "https://gw.example.com"
@@ -181,6 +188,7 @@ class FakeSession:
     marks: list[str] = field(default_factory=list)
     stopped: int = 0
     closed: list[MediaSocket] = field(default_factory=list)
+    pauses: list[bool] = field(default_factory=list)
     raise_on_audio: bool = False
 
     def on_stream_audio(self, audio: Audio) -> None:
@@ -199,6 +207,9 @@ class FakeSession:
 
     def on_stream_closed(self, stream: MediaSocket) -> None:
         self.closed.append(stream)
+
+    def on_stream_paused(self, stream: MediaSocket, paused: bool) -> None:
+        self.pauses.append(paused)
 
 
 @dataclass
@@ -971,3 +982,129 @@ def test_voice_webhook_then_stream_with_the_real_switchboard(clock: Clock) -> No
     assert session.cause == "twilio-stop"
     assert len(registry) == 0
     assert connection.close_code == 1000
+
+
+# -- back-pressure ------------------------------------------------------------------------
+
+
+def test_the_protocol_is_its_transports_streaming_producer(clock: Clock) -> None:
+    rig = MediaRig(clock)
+    connection = rig.started()
+    server = connection.server
+    assert connection.server_transport.producer is server
+    assert connection.server_transport.streamingProducer
+    assert IPushProducer.providedBy(server)
+    session = rig.calls.session
+    server.pauseProducing()
+    server.pauseProducing()  # said twice, told once
+    assert server.writing_paused and server.write_pauses == 1
+    assert session.pauses == [True]
+    server.resumeProducing()
+    server.resumeProducing()
+    assert not server.writing_paused and session.pauses == [True, False]
+    connection.send(connection.frames.stop())
+    assert connection.server_transport.producer is None  # let go before the close
+
+
+class _NoPolling:
+    """Enough of IReactorFDSet for a descriptor nobody polls: doWrite is called by hand."""
+
+    def addReader(self, reader: object) -> None: ...
+
+    def addWriter(self, writer: object) -> None: ...
+
+    def removeReader(self, reader: object) -> None: ...
+
+    def removeWriter(self, writer: object) -> None: ...
+
+
+class BackedUpSocket(abstract.FileDescriptor):
+    """Twisted's own write buffer and producer handling (``FileDescriptor``) over a
+    socket that takes nothing until ``taking``: a TCP transport whose peer stopped
+    reading.  Only ``tcp.Server`` gets the fast path's direct writes, so every write
+    goes through ``FileDescriptor.write`` here."""
+
+    bufferSize = 4096
+    protocol: Any = None
+
+    def __init__(self) -> None:
+        super().__init__(reactor=cast(Any, _NoPolling()))
+        self.connected = 1
+        self.taking = False
+        self.sent = bytearray()
+
+    def writeSomeData(self, data: bytes) -> int:
+        if not self.taking:
+            return 0
+        self.sent += data
+        return len(data)
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "10.0.0.9", 40000)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "10.0.0.1", 443)
+
+
+@implementer(IPushProducer)
+class UpgradeChannel:
+    """Stands in for the HTTP channel that served the upgrade: it registered itself as
+    the transport's producer, and Autobahn's takeover leaves it there."""
+
+    def pauseProducing(self) -> None:
+        raise AssertionError("the HTTP channel no longer owns the socket")
+
+    resumeProducing = stopProducing = pauseProducing
+
+
+def client_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """One masked client-to-server frame (payloads under 64 KiB)."""
+    length = len(payload)
+    header = bytes([0x80 | opcode]) + (
+        bytes([0x80 | length]) if length <= 125 else b"\xfe" + length.to_bytes(2, "big"))
+    mask = os.urandom(4)
+    return header + mask + xor_mask(mask, payload)
+
+
+def test_a_full_write_buffer_pauses_the_session_until_it_drains(clock: Clock) -> None:
+    rig = MediaRig(clock)
+    transport = BackedUpSocket()
+    transport.registerProducer(UpgradeChannel(), True)
+    server = rig.factory.buildProtocol(transport.getPeer())
+    transport.protocol = server
+    server.makeConnection(transport)
+    assert transport.producer is server  # it took the HTTP channel's place
+    key = base64.b64encode(os.urandom(16)).decode()
+    server.dataReceived(
+        ("GET /twilio/media HTTP/1.1\r\nHost: gw.example.com\r\nUpgrade: websocket\r\n"
+         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+         f"Sec-WebSocket-Version: 13\r\nX-Twilio-Signature: {ws_signature()}\r\n\r\n"
+         ).encode())
+    frames = TwilioFrames()
+    server.dataReceived(client_frame(frames.connected())
+                        + client_frame(frames.start(rig.token())))
+    session = rig.calls.session
+
+    sent = 0
+    while not server.writing_paused and sent < 100:  # Twilio reads nothing
+        server.send_media(FRAME)
+        sent += 1
+    assert server.writing_paused and session.pauses == [True]
+    buffered = transport._tempDataLen + len(transport.dataBuffer)
+    assert 4096 < buffered < 4096 + 400  # paused one frame past bufferSize: bounded
+    transport.taking = True  # Twilio reads again: Twisted drains its buffer
+    assert transport.doWrite() is None
+    assert not server.writing_paused and session.pauses == [True, False]
+    assert transport.sent.count(b'"event":"media"') == sent
+
+    transport.taking = False
+    while not server.writing_paused:
+        server.send_media(FRAME)
+    # Twilio closes while we are paused: the close completes once the buffer drains
+    # (a paused producer left registered would hold Twisted's loseConnection back)
+    server.dataReceived(client_frame((1000).to_bytes(2, "big"), opcode=8))
+    assert transport.disconnecting and transport.producer is None
+    transport.taking = True
+    assert transport.doWrite() is main.CONNECTION_DONE
+    server.connectionLost(Failure(ConnectionDone()))
+    assert session.closed == [server]

@@ -198,6 +198,10 @@ def test_timeouts_run_on_the_injected_clock() -> None:
     clock.advance(0.5)
     stub.flush()
     assert isinstance(results[0], CreatedCall)
+    # the first request is not cancelled at the timeout (Vapi may create its call
+    # anyway): it runs on until the late-answer limit, 30 s after it was sent
+    clock.advance(30 - 3.5)
+    stub.flush()
     assert clock.getDelayedCalls() == []
 
 
@@ -210,6 +214,9 @@ def test_timeouts_every_time_give_up() -> None:
     [failure] = results
     assert isinstance(failure.value, VapiUnavailableError)
     assert failure.value.last_problem == "no answer within 5 s"
+    # both requests run on until the late-answer limit, 30 s after each was sent
+    clock.advance(5.5 + 30 - 10.5)
+    stub.flush()
     assert clock.getDelayedCalls() == []
 
 

@@ -34,7 +34,10 @@ Faults Twilio's side can commit, by scenario (for fault-injection tests):
 - ``status_callback``: the terminal status callback is posted ``after`` the call
   (the default), ``before-stream`` (before the media socket opens: the caller hung
   up during set-up and the callbacks arrived out of order), ``twice`` (a retry),
-  or ``never``;
+  or ``never``; ``status_callback_at_ms``: posted that long after ``start`` while the
+  stream is still up, instead of after the call (the call was hung up and the status
+  callback came first: the gateway must end the call; the report times the socket's
+  close from it, ``end.status_callback_to_close_ms``);
 - ``mute_at_ms``: media stops then, the socket stays open (mark echoes still go);
 - ``stop_without_close``: after ``stop``, the gateway's close frame is left
   unanswered and the connection is never closed from this side;
@@ -178,6 +181,8 @@ class CallScenario:
     stream_delay_ms: int = 0
     """How long after the TwiML arrived the media socket is opened."""
     status_callback: StatusCallbackMode = "after"
+    status_callback_at_ms: int | None = None
+    """Post the status callback this long after ``start``, mid-stream (not after)."""
     mute_at_ms: int | None = None
     """Stop sending media from this time on (the socket stays open)."""
     stop_without_close: bool = False
@@ -204,6 +209,10 @@ class CallScenario:
             raise ValueError("stream_delay_ms must not be negative")
         if self.status_callback not in STATUS_CALLBACK_MODES:
             raise ValueError(f"status_callback must be one of {', '.join(STATUS_CALLBACK_MODES)}")
+        if self.status_callback_at_ms is not None and (
+                self.status_callback_at_ms < 0 or self.status_callback != "after"):
+            raise ValueError("status_callback_at_ms must not be negative and replaces the "
+                             "status callback 'after' the call")
         if self.mute_at_ms is not None and self.mute_at_ms < 0:
             raise ValueError("mute_at_ms must not be negative")
         if self.stop_without_close and self.drop:
@@ -440,6 +449,8 @@ class SimulatedCall:
         self._close_frame_ns: int | None = None
         self._max_queued_bytes = 0
         self._stream_end_ns: int | None = None
+        self._status_at_ns: int | None = None
+        self._status_posted_ns: int | None = None
         self._hung_up = False
         self._dropped = False
         self._posts: list[Deferred[None]] = []
@@ -470,7 +481,8 @@ class SimulatedCall:
                     self._clock.callLater(scenario.stream_delay_ms / 1000, delayed.callback, None)
                     await delayed
                 await self._stream_call(stream)
-            if scenario.status_callback in ("after", "twice"):
+            if scenario.status_callback in ("after", "twice") and (
+                    self._status_posted_ns is None):
                 await self._post_call_status()
             if scenario.status_callback == "twice":
                 await self._post_call_status()
@@ -521,7 +533,7 @@ class SimulatedCall:
     async def _stream_call(self, stream: StreamInstruction) -> None:
         """Open the media socket and stream until it closes."""
         self._stream = stream
-        local_url = self.target.local(stream.url)
+        local_url = self.target.local_stream(stream.url)
         try:
             address = SocketAddress.of(local_url)
         except ValueError as error:
@@ -550,8 +562,10 @@ class SimulatedCall:
             call_sid=self.call_sid, account_sid=self.target.account_sid,
             caller=self.scenario.caller, called=self.scenario.called, status="completed",
             duration_s=duration_s, wall_time=self._clock.seconds())
+        status_url = self.target.status_url
         try:
-            code, _ = await self._post_signed(self.target.status_url, form)
+            code, _ = await self._post_signed(status_url, form,
+                                              self.target.local_status(status_url))
         except Exception as error:
             self._end_as("failed", f"status callback: {_describe(error)}")
             return
@@ -575,6 +589,8 @@ class SimulatedCall:
                 self._begin_stream(now)
                 return
             self._pace_reading(now)
+            if self._status_at_ns is not None and now >= self._status_at_ns:
+                self._post_status_mid_call(now)
             echoes = playout.advance(now)
             self._max_queued_bytes = max(self._max_queued_bytes, playout.queued_bytes)
             if echoes:
@@ -646,6 +662,8 @@ class SimulatedCall:
             end.close_code = code
             end.close_reason = reason
             end.clean = was_clean
+            if self._status_posted_ns is not None:
+                end.status_callback_to_close_ms = ns_to_ms(now - self._status_posted_ns)
             if not self._hung_up:
                 self._gateway_ended(now, code, reason)
         if self._closed is not None and not self._closed.called:
@@ -703,6 +721,8 @@ class SimulatedCall:
         self._media_limit = self._end_frame
         if scenario.mute_at_ms is not None:
             self._media_limit = min(self._end_frame, scenario.mute_at_ms // FRAME_MS)
+        if scenario.status_callback_at_ms is not None:
+            self._status_at_ns = now + scenario.status_callback_at_ms * _NS_PER_MS
         if scenario.stall_reading_at_ms is not None:
             self._stall_at_ns = now + scenario.stall_reading_at_ms * _NS_PER_MS
             if scenario.stall_reading_ms is not None:
@@ -749,9 +769,16 @@ class SimulatedCall:
             socket.sendMessage(frame)
             self.report.frames.sent_total += 1
 
+    def _post_status_mid_call(self, now: int) -> None:
+        """``status_callback_at_ms``: the status callback while the stream is still up."""
+        self._status_at_ns = None
+        self._status_posted_ns = now
+        self._posts.append(Deferred.fromCoroutine(self._post_call_status()))
+
     def _hang_up(self, now: int) -> None:
         """The caller hangs up: ``stop`` (or an abrupt drop)."""
         self._stall_at_ns = self._stall_until_ns = None
+        self._status_at_ns = None
         self._resume_reading(now)  # a slow reader reads again: the close must get through
         self._hung_up = True
         self._stream_end_ns = now
@@ -827,8 +854,10 @@ class SimulatedCall:
 
     # -- HTTP ---------------------------------------------------------------------------
 
-    async def _post_signed(self, public_url: str, form: Mapping[str, str]) -> tuple[int, bytes]:
-        """POST ``form`` signed over ``public_url`` to its local twin: (status, body)."""
+    async def _post_signed(self, public_url: str, form: Mapping[str, str],
+                           local_url: str | None = None) -> tuple[int, bytes]:
+        """POST ``form`` signed over ``public_url`` to ``local_url`` (default: its local
+        twin): (status, body)."""
         headers = {
             "Content-Type": FORM_CONTENT_TYPE,
             SIGNATURE_HEADER: self._signer.sign_form(public_url, form),
@@ -836,7 +865,7 @@ class SimulatedCall:
             "I-Twilio-Idempotency-Token": secrets.token_hex(16),
         }
         response = await self._http.post(
-            self.target.local(public_url), data=urlencode(form).encode("ascii"),
+            local_url or self.target.local(public_url), data=urlencode(form).encode("ascii"),
             headers=headers, timeout=self.scenario.webhook_timeout_s, reactor=self._clock)
         body: bytes = await response.content()
         return int(response.code), body

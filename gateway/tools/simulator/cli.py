@@ -10,7 +10,8 @@ Examples::
     vapi-gateway-sim --config gw.ini --calls 200 --stagger 0.05 --duration 30
 
 Faults on Twilio's side (for fault-injection tests): ``--no-stream``,
-``--stream-delay``, ``--status-callback before-stream|twice|never``, ``--mute-at``,
+``--stream-delay``, ``--status-callback before-stream|twice|never``,
+``--status-callback-at`` (mid-stream, timing the socket's close from it), ``--mute-at``,
 ``--stop-without-close``, ``--stall-reading-at``/``--stall-reading-for`` (a slow
 consumer), and ``--call-sid`` (with ``--calls 2 --stagger S``: a second stream for
 the same call).
@@ -19,7 +20,9 @@ The gateway is described by its own ini file (``[gateway] public_url``, ``[twili
 ``auth_token``, ``account_sid``, ``voice_path``, ``status_path``; secrets given as
 ``env:``/``file:``/``cred:`` are resolved as the daemon resolves them) or by flags,
 which win over the file.  ``--url`` is where requests really go (default: the public
-URL); every URL is signed as the public one.
+URL); ``--stream-url`` sends the media socket, and ``--status-url`` the call status
+callback, to another base URL (e.g. another instance of a cluster); every URL is
+signed as the public one.
 
 Exit status: 0 when every call completed with no protocol violation, 1 otherwise,
 2 for bad arguments or an unreadable config or clip.
@@ -85,6 +88,11 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     gateway = parser.add_argument_group("the gateway")
     gateway.add_argument("--url", default="", help="where requests go (default: the public "
                          "URL), e.g. http://127.0.0.1:8080")
+    gateway.add_argument("--stream-url", default="", help="where the media socket goes "
+                         "(default: --url), e.g. http://127.0.0.1:8081: the TwiML's wss:// "
+                         "URL is rewritten onto it")
+    gateway.add_argument("--status-url", default="", help="where the call status callback "
+                         "is posted (default: --url)")
     gateway.add_argument("--config", help="the gateway's ini file: public_url, auth_token, "
                          "account_sid and the [twilio] paths")
     gateway.add_argument("--public-url", help="the gateway's public URL (what Twilio signs)")
@@ -129,6 +137,10 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     faults.add_argument("--status-callback", choices=STATUS_CALLBACK_MODES, default="after",
                         help="post the terminal status callback after the call (default), "
                         "before the stream opens, twice, or never")
+    faults.add_argument("--status-callback-at", type=float, metavar="SECONDS",
+                        help="post the status callback this long after the stream starts, "
+                        "while it is still up, instead of after the call (the report times "
+                        "the socket's close from it)")
     faults.add_argument("--mute-at", type=float, metavar="SECONDS",
                         help="stop sending media at this time; the socket stays open")
     faults.add_argument("--stop-without-close", action="store_true",
@@ -172,7 +184,8 @@ def _target(args: argparse.Namespace, env: Mapping[str, str]) -> GatewayTarget:
     if not auth_token:
         raise ValueError("no Auth Token: give --config or --auth-token")
     flags = {"voice_path": args.voice_path, "status_path": args.status_path,
-             "account_sid": args.account_sid}
+             "account_sid": args.account_sid, "stream_url": args.stream_url,
+             "status_callback_url": args.status_url}
     given = {name: value for name, value in flags.items() if value}
     if configured is None:
         return GatewayTarget(public_url=public_url, auth_token=auth_token, url=args.url, **given)
@@ -209,6 +222,7 @@ def plan_run(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
         open_stream=not args.no_stream,
         stream_delay_ms=round(args.stream_delay * 1000),
         status_callback=args.status_callback,
+        status_callback_at_ms=_seconds_to_ms(args.status_callback_at),
         mute_at_ms=_seconds_to_ms(args.mute_at),
         stop_without_close=args.stop_without_close,
         stall_reading_at_ms=_seconds_to_ms(args.stall_reading_at),

@@ -170,6 +170,9 @@ class EndReport(_Section):
     """The code of the gateway's close frame, when the scenario left it unanswered."""
     dropped_after_close_frame_ms: float | None = None
     """From that unanswered close frame to the gateway dropping the connection."""
+    status_callback_to_close_ms: float | None = None
+    """``--status-callback-at``: from posting the status callback mid-stream to the media
+    socket's close (the gateway ending the call because of it)."""
     stream_events: dict[str, int | None] = msgspec.field(default_factory=dict)
     """HTTP status of each ``<Stream statusCallback>`` event posted."""
 
@@ -369,6 +372,9 @@ def _call_lines(report: CallReport) -> list[str]:
                    else "never dropped the connection")
         lines.append(f"              close frame {end.close_frame_ignored} left unanswered; "
                      f"the gateway {dropped}")
+    if end.status_callback_to_close_ms is not None:
+        lines.append(f"              the socket closed {_ms(end.status_callback_to_close_ms)} "
+                     "after the mid-call status callback")
     if frames.reading_paused_ms:
         lines.append(f"  slow reader the simulator stopped reading for "
                      f"{frames.reading_paused_ms} ms")

@@ -5,7 +5,11 @@
 start with, and the one the simulator actually connects to (``--url``, e.g. a
 daemon on loopback behind what would be a TLS terminator in production).
 :meth:`GatewayTarget.local` maps any public URL (http(s) or its ws(s) twin) onto
-the connect URL; URLs elsewhere are used as they are.
+the connect URL; URLs elsewhere are used as they are.  Two optional bases send parts
+of a call elsewhere, as a load balancer in front of several instances may:
+``stream_url`` (``--stream-url``) takes the media socket
+(:meth:`GatewayTarget.local_stream`), ``status_callback_url`` (``--status-url``)
+the terminal call status callback (:meth:`GatewayTarget.local_status`).
 
 :class:`TwilioSigner` computes ``X-Twilio-Signature`` with the ``twilio`` library's
 ``RequestValidator.compute_signature``: over the public URL plus the sorted form
@@ -61,9 +65,13 @@ class GatewayTarget:
     voice_path: str = "/twilio/voice"
     status_path: str = "/twilio/status"
     account_sid: str = DEFAULT_ACCOUNT_SID
+    stream_url: str = ""
+    """Where the media socket really connects (its ws twin); empty: ``url``."""
+    status_callback_url: str = ""
+    """Where the terminal call status callback really goes; empty: ``url``."""
 
     def __post_init__(self) -> None:
-        for name in ("public_url", "url"):
+        for name in ("public_url", "url", "stream_url", "status_callback_url"):
             value = getattr(self, name)
             if value and urlsplit(value).scheme not in ("http", "https"):
                 raise ValueError(f"{name} must be an http:// or https:// URL, not {value!r}")
@@ -98,10 +106,22 @@ class GatewayTarget:
 
     def local(self, public: str) -> str:
         """``public`` with the public base replaced by the connect URL (same scheme kind)."""
-        if not self.url:
+        return self._onto(public, self.url)
+
+    def local_stream(self, public: str) -> str:
+        """The ``<Stream url>`` mapped onto ``stream_url`` (else the connect URL)."""
+        return self._onto(public, self.stream_url or self.url)
+
+    def local_status(self, public: str) -> str:
+        """The status callback URL mapped onto ``status_callback_url`` (else the connect
+        URL)."""
+        return self._onto(public, self.status_callback_url or self.url)
+
+    def _onto(self, public: str, connect: str) -> str:
+        if not connect:
             return public
         public_base = self.public_url.rstrip("/")
-        connect_base = self.url.rstrip("/")
+        connect_base = connect.rstrip("/")
         for public_prefix, connect_prefix in (
             (public_base, connect_base),
             (_ws_twin(public_base), _ws_twin(connect_base)),
