@@ -23,11 +23,11 @@ CPU is the gateway's alone), measured over a steady ``--window`` (20 s) once eve
 is up: the daemon's utime+stime from ``/proc/PID/stat``, and Redis's.  Variants:
 ``memory`` (no cluster), ``redis`` (``refresh_interval = 2``, the default: each live
 call's record is rewritten every 2 s, plus the liveness key and a PING per
-connection every second) and ``redis-0.2s`` (``refresh_interval = 0.2``: ten times the
-upkeep, to measure what the default's is too small to show above the noise).  Variants
+connection every second) and ``redis-0.1s`` (``refresh_interval = 0.1``: twenty times
+the upkeep, to measure what the default's is too small to show above the noise).  Variants
 alternate over ``--rounds`` rounds; figures are ms of CPU per call-second (CPU over
 the window / window / calls), the round-to-round spread of ``memory`` is the noise
-floor, and the upkeep per call-second is derived from the ``redis-0.2s`` slope.
+floor, and the upkeep per call-second is derived from the ``redis-0.1s`` slope.
 
 Results: one table on stdout, and ``bench/results/cluster.json`` (``--out``).
 
@@ -77,7 +77,7 @@ CLOCK_TICK: Final = os.sysconf("SC_CLK_TCK")
 VARIANTS: Final[dict[str, dict[str, str] | None]] = {
     "memory": None,
     "redis": {"refresh_interval": "2", "call_ttl": "10"},
-    "redis-0.2s": {"refresh_interval": "0.2", "call_ttl": "1"},
+    "redis-0.1s": {"refresh_interval": "0.1", "call_ttl": "1"},
 }
 
 

@@ -180,10 +180,11 @@ class Switchboard:
             if cluster is not None and outbound is None:
                 # another instance may have answered its webhook and created its Vapi
                 # call: ask it for that call while the stream is already flowing here
+                # the lookup goes out before this instance records itself as the owner
+                asking = cluster.take_over(started.call_sid)
                 taking = self.open_call(info, start=False)
                 taking.attach_stream(stream, started)
-                cluster.take_over(started.call_sid).addCallback(
-                    lambda outcome: self._took_over(taking, outcome))
+                asking.addCallback(lambda outcome: self._took_over(taking, outcome))
                 return taking
             session = self.open_call(info)
         session.attach_stream(stream, started)

@@ -429,9 +429,18 @@ class ClusterMember(Service):
                                      socket_url=handed.socket_url.reveal())
                 call_log.info("call handed over to the stream's instance",
                               vapi_call_id=handed.call_id)
-            else:
-                message = HandedOver(request.request_id, handed)
-                call_log.info("takeover asked; no vapi call to hand over", outcome=handed)
+
+                def undelivered(outcome: object) -> None:
+                    if outcome is True:
+                        return
+                    # nobody will open it: end it rather than leave it billing
+                    call_log.warning("hand-over not delivered; ending its vapi call",
+                                     vapi_call_id=handed.call_id)
+                    local.end_orphan(handed)
+
+                return self._send(request.reply_to, message).addBoth(undelivered)
+            message = HandedOver(request.request_id, handed)
+            call_log.info("takeover asked; no vapi call to hand over", outcome=handed)
             return self._send(request.reply_to, message)
 
         handing = local.hand_over(request.call_sid).addCallback(reply)

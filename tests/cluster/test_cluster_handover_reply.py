@@ -95,10 +95,6 @@ async def until(check: Any, timeout: float = 5.0) -> None:
         await deferLater(reactor, 0.02, lambda: None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/cluster/member.py ClusterMember._hand_over: when the HandedOver reply cannot "
-    "be published (errback) or reaches nobody (PUBLISH answers 0), the handed-over Vapi "
-    "call is only logged ('redis operation failed', operation=handover), never ended"))
 @pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
 async def test_a_handover_that_cannot_be_answered_ends_the_vapi_call(
         redis: RedisProcess) -> None:

@@ -23,7 +23,7 @@ Each test checks, like ``test_faults.py``:
 Tests synchronise on log lines, process exits and the simulator finishing; conditions
 that nothing logs (a record expiring in Redis) are polled with a deadline.  Never
 sleeps.  ``refresh_interval = 0.5`` and ``call_ttl = 2`` keep the whole file well
-under a minute.  A test marked ``xfail(strict=True)`` pins a bug; its reason says where.
+under a minute.  
 """
 
 from __future__ import annotations
@@ -73,14 +73,6 @@ REDIS_BACK = "redis available: re-syncing the registry"
 #: list_calls's without_cluster logs FirstError.getErrorMessage(), the repr of the inner
 #: Failure, "[Failure instance: Traceback (failure with no frames): ...]").
 TRACEBACK_TEXT_BUT_NO_TRACEBACK = frozenset({"admin list: the cluster registry is unavailable"})
-TAKEOVER_BUG = (
-    "gateway/bridge/switchboard.py Switchboard.attach_stream registers the stream's session "
-    "(open_call -> ClusterRegistry.add -> ClusterMember.call_added writes call:<sid> with "
-    "owner = this instance) before ClusterMember.take_over looks the call up, so take_over "
-    "finds itself as the owner ('no-owner') and the stream's instance creates a second "
-    "Vapi call while the webhook's instance keeps its own until the status callback")
-
-
 # -- Redis, directly ------------------------------------------------------------------------
 
 
@@ -414,7 +406,6 @@ def show(scenario: str, call: dict[str, Any] | None, **extra: Any) -> None:
 # -- a call whose webhook and stream reach different instances --------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=TAKEOVER_BUG)
 def test_webhook_on_a_stream_on_b_hands_the_vapi_call_over(cluster: Cluster) -> None:
     a, b = cluster.start("a", "b")
     call = cluster.call(a, "--duration", "3", stream=b)
@@ -446,10 +437,7 @@ def test_webhook_on_a_stream_on_b_leaves_no_vapi_call_open(cluster: Cluster) -> 
     left = left_behind(cluster)
     show("webhook on A, stream on B (as it is)", call, takeover=settled["outcome"],
          vapi_calls=len(left.vapi_created))
-    if settled["outcome"] == "handed-over":
-        assert len(left.vapi_created) == 1
-    else:  # the bug (see TAKEOVER_BUG): both instances created one
-        assert settled["outcome"] == "no-owner" and len(left.vapi_created) == 2
+    assert settled["outcome"] == "handed-over" and len(left.vapi_created) == 1
 
 
 # -- requests that reach an instance other than the call's ----------------------------------
@@ -615,7 +603,6 @@ def test_redis_lost_mid_call_leaves_the_audio_alone(cluster: Cluster, fault: str
 # -- two workers behind one port ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=TAKEOVER_BUG)
 def test_two_workers_on_one_port_webhook_and_stream_on_different_workers(
         cluster: Cluster) -> None:
     """Two workers share one listening socket (systemd socket activation, as in
