@@ -23,7 +23,7 @@ Each test checks, like ``test_faults.py``:
 Tests synchronise on log lines, process exits and the simulator finishing; conditions
 that nothing logs (a record expiring in Redis) are polled with a deadline.  Never
 sleeps.  ``refresh_interval = 0.5`` and ``call_ttl = 2`` keep the whole file well
-under a minute.  
+under a minute.
 """
 
 from __future__ import annotations
