@@ -47,7 +47,7 @@ from typing import Any, Final
 
 import msgspec
 from klein import Klein
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -282,8 +282,10 @@ class AdminApi:
             return json_body(request, 200, body)
 
         def without_cluster(failure: Failure) -> bytes:
+            error = failure.value
+            inner = error.subFailure if isinstance(error, FirstError) else failure
             log.warning("admin list: the cluster registry is unavailable",
-                        error=failure.getErrorMessage())
+                        error=inner.getErrorMessage())
             body["cluster"] = "unavailable"
             return json_body(request, 200, body)
 

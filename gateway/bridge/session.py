@@ -301,6 +301,7 @@ class CallSession:
         if self._handover is not None:  # another instance has the stream: it's theirs
             handover, self._handover = self._handover, None
             self.vapi_call_id = created.call_id
+            self.log = self.log.bind(vapi_call_id=created.call_id)
             self.end(HANDED_OVER)
             handover.callback(created)
             return

@@ -192,7 +192,7 @@ class ClusterMember(Service):
                           local_calls=len(self._calls),
                           unsaved_deletes=len(self._unsaved_deletes))
             self.refresh()
-        else:
+        elif self.running:  # not our own connections closing at shutdown
             self.log.warning("redis unavailable: calls in progress continue; new calls "
                              "are handled by this instance alone until it returns")
 
@@ -430,13 +430,14 @@ class ClusterMember(Service):
                 call_log.info("call handed over to the stream's instance",
                               vapi_call_id=handed.call_id)
 
-                def undelivered(outcome: object) -> None:
+                def undelivered(outcome: object) -> object:
                     if outcome is True:
-                        return
+                        return outcome
                     # nobody will open it: end it rather than leave it billing
                     call_log.warning("hand-over not delivered; ending its vapi call",
                                      vapi_call_id=handed.call_id)
                     local.end_orphan(handed)
+                    return outcome  # a failure still reaches _failed("handover")
 
                 return self._send(request.reply_to, message).addBoth(undelivered)
             message = HandedOver(request.request_id, handed)

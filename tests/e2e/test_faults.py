@@ -42,8 +42,8 @@ from typing import Any
 
 import known_secrets
 import pytest
+from daemon_requests import metric_sample, signed_status_callback
 from ini import minimal_ini
-from twilio.request_validator import RequestValidator
 
 from gateway.tools.daemon_process import DaemonProcess, free_port
 
@@ -166,23 +166,13 @@ class Gateway:
         """One sample of the daemon's /metrics (0 when absent)."""
         status, body = self.get(f"http://127.0.0.1:{self.admin_port}/metrics")
         assert status == 200
-        wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-        prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
-        for line in body.decode().splitlines():
-            if line.startswith(prefix):
-                return float(line.split()[-1])
-        return 0.0
+        return metric_sample(body, name, **labels)
 
     def post_call_status(self, call_sid: str, status: str) -> int:
         """A signed Twilio call status callback."""
-        params = {"CallSid": call_sid, "CallStatus": status, "AccountSid": "AC" + "0" * 32}
         url = self.base + "/twilio/status"
-        signature = RequestValidator(known_secrets.TWILIO_AUTH_TOKEN).compute_signature(
-            url, params)
-        request = urllib.request.Request(
-            url, data=urllib.parse.urlencode(params).encode(), method="POST",
-            headers={"Content-Type": "application/x-www-form-urlencoded",
-                     "X-Twilio-Signature": signature})
+        body, headers = signed_status_callback(url, call_sid, status)
+        request = urllib.request.Request(url, data=body, method="POST", headers=headers)
         with urllib.request.urlopen(request, timeout=10) as response:
             return int(response.status)
 
